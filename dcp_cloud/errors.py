@@ -1,0 +1,49 @@
+"""Exceptions raised by dcp_cloud.
+
+Every error names the URL or object it is about and says what to do. They all derive from
+:class:`DcpCloudError`, so callers can catch one type. Note that when DCP runs the storage code
+inside ``dcp.save``/``dcp.load`` it wraps errors in ``CheckpointException``; the original error is
+kept in its per-rank failure map and in its message.
+"""
+
+from __future__ import annotations
+
+
+class DcpCloudError(Exception):
+    """Base class of every dcp_cloud error."""
+
+
+class StoreConfigError(DcpCloudError, ValueError):
+    """The URL, its scheme or the storage options cannot be used (bad URL, missing backend)."""
+
+
+class BucketNotFoundError(DcpCloudError, FileNotFoundError):
+    """The bucket or container named in the URL does not exist."""
+
+
+class StoreAccessError(DcpCloudError, PermissionError):
+    """The store refused the credentials or the operation."""
+
+
+class CheckpointNotFoundError(DcpCloudError, FileNotFoundError):
+    """There is no checkpoint at the URL."""
+
+
+class IncompleteCheckpointError(CheckpointNotFoundError):
+    """Data objects exist at the URL but no ``.metadata``: a save that never committed."""
+
+
+class CorruptCheckpointError(DcpCloudError):
+    """An object of a checkpoint is unreadable, truncated or fails its checksum."""
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """``.metadata`` references something other than DCP's metadata classes."""
+
+
+class CheckpointExistsError(DcpCloudError, FileExistsError):
+    """A save with ``overwrite=False`` found a committed checkpoint at the URL."""
+
+
+class UploadError(DcpCloudError):
+    """An upload failed after the transport's retries; the save did not commit."""

@@ -1,0 +1,74 @@
+"""Planning a load's reads: which byte ranges of which objects, coalesced."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.distributed.checkpoint.planner import ReadItem
+
+
+@dataclass
+class StoredItem:
+    """One serialized item in a data object, and the ReadItems it serves."""
+
+    offset: int
+    length: int
+    requests: list[ReadItem] = field(default_factory=list)
+
+
+@dataclass
+class FetchRange:
+    """Bytes ``[start, end)`` of one object, fetched together, holding whole items."""
+
+    key: str
+    start: int
+    end: int
+    items: list[StoredItem] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def plan_fetches(
+    requests: list[ReadItem], storage_data: dict[Any, Any], max_range: int, gap: int
+) -> list[FetchRange]:
+    """Group ReadItems by stored item, then merge nearby items of an object into ranges.
+
+    Items are never split; neighbours closer than ``gap`` bytes are merged while the range
+    stays within ``max_range`` bytes. Several ReadItems of one stored item (resharding) are
+    served by one fetch and one decode.
+    """
+    by_object: dict[str, dict[tuple[int, int], StoredItem]] = defaultdict(dict)
+    for request in requests:
+        info = storage_data[request.storage_index]
+        items = by_object[info.relative_path]
+        slot = (info.offset, info.length)
+        if slot not in items:
+            items[slot] = StoredItem(info.offset, info.length)
+        items[slot].requests.append(request)
+
+    ranges: list[FetchRange] = []
+    for key, items in by_object.items():
+        current: FetchRange | None = None
+        for item in sorted(items.values(), key=lambda i: i.offset):
+            end = item.offset + item.length
+            if (
+                current is not None
+                and item.offset - current.end <= gap
+                and end - current.start <= max_range
+                and item.offset >= current.end
+            ):
+                current.end = end
+                current.items.append(item)
+                continue
+            current = FetchRange(key, item.offset, end, [item])
+            ranges.append(current)
+    return ranges
+
+
+def split_range(start: int, end: int, piece: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut into pieces of at most ``piece`` bytes."""
+    return [(a, min(a + piece, end)) for a in range(start, end, piece)]

@@ -1,0 +1,59 @@
+"""How a checkpoint maps onto object keys.
+
+A checkpoint at ``<url>`` holds, relative to that prefix::
+
+    .metadata                          DCP's pickled Metadata: the commit marker, written last
+    __<rank>.metadata                  per-rank metadata when saved with use_collectives=False
+    <save_id>/__<rank>_<n>.distcp      data objects of one save, packed torch.save items
+    <save_id>/manifest.json            our manifest: sizes and CRC32C of every item
+
+Every save writes its data under a fresh ``save_id``, so a save never overwrites bytes that a
+committed ``.metadata`` points to. Keys are POSIX and relative, exactly what torch's
+``FileSystemReader`` joins onto a local folder, so a downloaded checkpoint loads without us.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+METADATA_KEY = ".metadata"
+MANIFEST_NAME = "manifest.json"
+DATA_SUFFIX = ".distcp"
+SAVE_ID_PREFIX = "save-"
+
+
+def metadata_key(rank: int | None = None) -> str:
+    """Key of the metadata object; rank-local when ``rank`` is given (use_collectives=False)."""
+    return METADATA_KEY if rank is None else f"__{rank}.metadata"
+
+
+def new_save_id() -> str:
+    """A save-unique, time-sortable id, e.g. ``save-20261122T200102Z-3f9a1c0b``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{SAVE_ID_PREFIX}{stamp}-{secrets.token_hex(4)}"
+
+
+def data_key(save_id: str, file_prefix: str, index: int) -> str:
+    """Key of the ``index``-th data object that a rank writes in one save."""
+    return f"{save_id}/{file_prefix}{index}{DATA_SUFFIX}"
+
+
+def manifest_key(save_id: str) -> str:
+    """Key of the manifest of one save."""
+    return f"{save_id}/{MANIFEST_NAME}"
+
+
+def save_id_of_key(key: str) -> str | None:
+    """The save id a data or manifest key belongs to, or None for keys outside any save."""
+    head, sep, _ = key.partition("/")
+    if sep and head.startswith(SAVE_ID_PREFIX):
+        return head
+    return None
+
+
+def join(root: str, key: str) -> str:
+    """Join a store root path and a relative key."""
+    if not root:
+        return key
+    return f"{root.rstrip('/')}/{key}"

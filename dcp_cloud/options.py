@@ -1,0 +1,51 @@
+"""Tuning knobs shared by the writer and the reader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+
+# S3 refuses parts under 5 MiB (except the last) and more than 10,000 parts per upload.
+MIN_PART_SIZE = 5 * MiB
+MAX_PARTS = 10_000
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """How data moves between this process and the store.
+
+    Attributes:
+        part_size: bytes per multipart part on upload and per ranged GET on download.
+        max_concurrency: requests in flight at once per process.
+        memory_budget: bytes of part and range buffers held at once per process; the
+            whole checkpoint is never buffered. At least ``2 * part_size``.
+        coalesce_gap: on load, byte ranges of one object closer than this are fetched
+            with one request (the gap is read and discarded).
+    """
+
+    part_size: int = 16 * MiB
+    max_concurrency: int = 16
+    memory_budget: int = 256 * MiB
+    coalesce_gap: int = 1 * MiB
+
+    def __post_init__(self) -> None:
+        if self.part_size < MIN_PART_SIZE:
+            raise ValueError(
+                f"part_size={self.part_size} is below the 5 MiB minimum that S3 accepts for a "
+                f"multipart part; pass part_size >= {MIN_PART_SIZE}"
+            )
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.memory_budget < 2 * self.part_size:
+            raise ValueError(
+                f"memory_budget={self.memory_budget} must hold at least two parts "
+                f"(2 * part_size = {2 * self.part_size}); raise it or lower part_size"
+            )
+        if self.coalesce_gap < 0:
+            raise ValueError(f"coalesce_gap must be >= 0, got {self.coalesce_gap}")
+
+    @property
+    def max_object_size(self) -> int:
+        """Largest data object a writer packs before starting the next one."""
+        return self.part_size * MAX_PARTS

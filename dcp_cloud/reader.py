@@ -1,0 +1,365 @@
+"""CloudStorageReader: DCP's StorageReader for object stores, with concurrent ranged reads."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import logging
+import os
+from collections import deque
+from typing import Any
+
+import crc32c
+import torch
+import torch.distributed as dist
+from fsspec import AbstractFileSystem
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.storage import StorageReader
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.futures import Future
+
+from . import layout
+from .buffers import ByteBudget
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DcpCloudError,
+    IncompleteCheckpointError,
+)
+from .fetch import FetchRange, StoredItem, plan_fetches, split_range
+from .manifest import ItemRecord, Manifest
+from .options import TransferOptions
+from .safe_pickle import load_metadata
+from .stats import StatsRecorder, TransferStats
+from .store import ObjectStore, open_store
+from .urls import is_supported_url, redact_url
+
+logger = logging.getLogger("dcp_cloud")
+
+
+class _ViewReader(io.RawIOBase):
+    """A seekable read-only stream over a memoryview, so torch.load reads without a copy."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), len(self._view) - self._pos)
+        memoryview(buffer).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class CloudStorageReader(StorageReader):
+    """Loads DCP checkpoints from an object store (S3, GCS, Azure) or any fsspec filesystem.
+
+    Reads only the byte ranges the load plan needs, merges neighbouring ranges, fetches them
+    with concurrent ranged GETs within a memory budget, and decodes each range while the next
+    ones download. Loads checkpoints written by dcp_cloud, by torch's FileSystemWriter and
+    FsspecWriter, and by s3torchconnector. Items of dcp_cloud checkpoints are checked against
+    their CRC32C.
+
+    Args:
+        url: the checkpoint, e.g. ``s3://bucket/run1/step-100`` or a local path.
+        storage_options: passed to the fsspec filesystem (see CloudStorageWriter).
+        filesystem: an existing fsspec filesystem to use instead of ``storage_options``.
+        part_size: bytes per ranged GET of a large item, and the largest merged range.
+        max_concurrency: requests in flight per process.
+        memory_budget: bytes of fetched-but-undecoded data held at once (an item larger than
+            the budget is fetched alone).
+        coalesce_gap: neighbouring items closer than this many bytes are fetched together.
+        verify_checksums: check each item's CRC32C against the manifest (dcp_cloud
+            checkpoints); a mismatch raises :class:`CorruptCheckpointError`.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
+        filesystem: AbstractFileSystem | None = None,
+        part_size: int = TransferOptions.part_size,
+        max_concurrency: int = TransferOptions.max_concurrency,
+        memory_budget: int = TransferOptions.memory_budget,
+        coalesce_gap: int = TransferOptions.coalesce_gap,
+        verify_checksums: bool = True,
+    ) -> None:
+        super().__init__()
+        self.url = os.fspath(url)
+        self.storage_options = dict(storage_options or {})
+        self.filesystem = filesystem
+        self.options = TransferOptions(
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+            memory_budget=memory_budget,
+            coalesce_gap=coalesce_gap,
+        )
+        self.verify_checksums = verify_checksums
+        self.rank = 0
+        self.is_coordinator = True
+        self.last_stats: TransferStats | None = None
+        self.storage_data: dict[Any, Any] = {}
+        self._manifest: Manifest | None = None
+        self._store: ObjectStore | None = None
+
+    def __repr__(self) -> str:
+        return f"CloudStorageReader({redact_url(self.url)!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None
+        return state
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = open_store(
+                self.url, self.storage_options, self.filesystem, self.options.max_concurrency
+            )
+        return self._store
+
+    # -- StorageReader -------------------------------------------------------------------------
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            new_url = os.fspath(checkpoint_id)
+            if new_url != self.url:
+                self.url = new_url
+                self._store = None
+        self.storage_data = {}
+        self._manifest = None
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return is_supported_url(os.fspath(checkpoint_id))
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")
+        key = layout.metadata_key(rank)
+        store = self.store
+        try:
+            data = store.run(store.get(key))
+        except FileNotFoundError:
+            raise self._missing_error(key) from None
+        metadata = load_metadata(data, f"{store.url}/{key}")
+        self._manifest = self._read_manifest(metadata)
+        return metadata
+
+    def set_up_storage_reader(
+        self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
+    ) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0) or 0)
+        if metadata.storage_data is None:
+            raise CorruptCheckpointError(f"{self.store.url}: .metadata has no storage_data")
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        store = self.store
+        recorder = StatsRecorder("load", store.url, store.counter)
+        opts = self.options
+        ranges = plan_fetches(plan.items, self.storage_data, opts.part_size, opts.coalesce_gap)
+        records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
+        budget = ByteBudget(opts.memory_budget)
+        waiting = deque(ranges)
+        in_flight: dict[concurrent.futures.Future[Any], FetchRange] = {}
+        try:
+            while waiting or in_flight:
+                while waiting and budget.try_acquire(waiting[0].size):
+                    fetch = waiting.popleft()
+                    in_flight[store.submit(self._fetch(fetch))] = fetch
+                done, _ = concurrent.futures.wait(
+                    in_flight, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in done:
+                    fetch = in_flight.pop(future)
+                    data = self._fetched(fetch, future)
+                    self._decode(fetch, data, planner, records)
+                    budget.release(fetch.size)
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
+        stats = recorder.stats
+        stats.bytes = sum(r.size for r in ranges)
+        stats.objects = len({r.key for r in ranges})
+        stats.items = len(plan.items)
+        self.last_stats = recorder.finish()
+        logger.info("%s (rank %d)", self.last_stats.summary(), self.rank)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    # -- fetching ------------------------------------------------------------------------------
+
+    async def _fetch(self, fetch: FetchRange) -> bytes | bytearray:
+        store = self.store
+        piece = self.options.part_size
+        if fetch.size <= piece:
+            return await store.get_range(fetch.key, fetch.start, fetch.end)
+        buffer = bytearray(fetch.size)
+
+        async def one(start: int, end: int) -> None:
+            data = await store.get_range(fetch.key, start, end)
+            if len(data) != end - start:
+                raise _ShortRead(len(data), end - start)
+            buffer[start - fetch.start : end - fetch.start] = data
+
+        await asyncio.gather(*(one(a, b) for a, b in split_range(fetch.start, fetch.end, piece)))
+        return buffer
+
+    def _fetched(self, fetch: FetchRange, future: concurrent.futures.Future[Any]) -> Any:
+        where = f"{self.store.url}/{fetch.key}"
+        names = _names(fetch.items)
+        try:
+            data = future.result()
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(
+                f"{where} is missing, but .metadata references it (tensors {names}). The "
+                "checkpoint is damaged, or was overwritten while loading; load it again or "
+                "load an earlier checkpoint."
+            ) from exc
+        except _ShortRead as exc:
+            raise self._truncated(where, names, exc.got, exc.wanted) from None
+        except DcpCloudError:
+            raise
+        except OSError as exc:
+            if "range" in str(exc).lower():  # HTTP 416: the range starts past the object's end
+                raise self._truncated(where, names, 0, fetch.size) from exc
+            raise
+        if len(data) != fetch.size:
+            raise self._truncated(where, names, len(data), fetch.size)
+        return data
+
+    @staticmethod
+    def _truncated(where: str, names: str, got: int, wanted: int) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{where} is truncated: read {got} of {wanted} bytes for tensors {names}. "
+            "The checkpoint is damaged; load an earlier one."
+        )
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def _decode(
+        self,
+        fetch: FetchRange,
+        data: bytes | bytearray,
+        planner: LoadPlanner,
+        records: dict[tuple[str, int], ItemRecord],
+    ) -> None:
+        view = memoryview(data)
+        for item in fetch.items:
+            start = item.offset - fetch.start
+            item_view = view[start : start + item.length]
+            record = records.get((fetch.key, item.offset))
+            if record is not None and crc32c.crc32c(item_view) != record.crc32c:
+                raise CorruptCheckpointError(
+                    f"{self.store.url}/{fetch.key}: checksum mismatch in bytes "
+                    f"[{item.offset}, {item.offset + item.length}) holding {_names([item])}. "
+                    "The object is corrupt; load an earlier checkpoint "
+                    "(verify_checksums=False skips this check)."
+                )
+            first = item.requests[0]
+            if first.type == LoadItemType.BYTE_IO:
+                for request in item.requests:
+                    planner.load_bytes(request, io.BytesIO(item_view))
+                continue
+            try:
+                tensor = torch.load(
+                    _ViewReader(item_view), map_location="cpu", weights_only=True
+                )
+            except Exception as exc:
+                raise CorruptCheckpointError(
+                    f"{self.store.url}/{fetch.key}: cannot decode bytes [{item.offset}, "
+                    f"{item.offset + item.length}) holding {_names([item])} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            for request in item.requests:
+                source = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
+                target = planner.resolve_tensor(request).detach()
+                if target.size() != source.size():
+                    raise ValueError(
+                        f"size mismatch for {request.dest_index.fqn}: the checkpoint has "
+                        f"{tuple(source.size())}, the state dict expects {tuple(target.size())}"
+                    )
+                target.copy_(source)
+                planner.commit_tensor(request, target)
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def _read_manifest(self, metadata: Metadata) -> Manifest | None:
+        save_id = getattr(metadata.storage_meta, "save_id", None)
+        infos = (metadata.storage_data or {}).values()
+        if not save_id or not any(
+            layout.save_id_of_key(getattr(i, "relative_path", "")) == save_id for i in infos
+        ):
+            return None  # not written by dcp_cloud: no manifest to check against
+        store = self.store
+        key = layout.manifest_key(save_id)
+        try:
+            return Manifest.from_json(store.run(store.get(key)))
+        except FileNotFoundError:
+            logger.warning("%s/%s is missing; loading without checksums", store.url, key)
+        except ValueError as exc:
+            logger.warning("%s/%s is unreadable (%s); loading without checksums", store.url, key, exc)
+        return None
+
+    def _missing_error(self, key: str) -> CheckpointNotFoundError:
+        store = self.store
+        if key != layout.METADATA_KEY:
+            return CheckpointNotFoundError(
+                f"{store.url}: no {key} either (rank-local metadata of use_collectives=False)"
+            )
+        if _is_rank_zero():
+            objects = store.run(store.list(""))
+            data = [o.key for o in objects if o.key.endswith(layout.DATA_SUFFIX)]
+            if data:
+                return IncompleteCheckpointError(
+                    f"{store.url}: {len(data)} data objects but no .metadata: a save that never "
+                    "committed (crashed or still running). Load an earlier checkpoint; "
+                    "`dcp-cloud gc` removes the debris."
+                )
+        return CheckpointNotFoundError(
+            f"{store.url}: no checkpoint here (no .metadata). Check the URL, or save first."
+        )
+
+
+class _ShortRead(Exception):
+    def __init__(self, got: int, wanted: int) -> None:
+        super().__init__(f"read {got} of {wanted} bytes")
+        self.got = got
+        self.wanted = wanted
+
+
+def _names(items: list[StoredItem]) -> str:
+    fqns = sorted({r.storage_index.fqn for item in items for r in item.requests})
+    shown = ", ".join(fqns[:5])
+    return shown + (f" and {len(fqns) - 5} more" if len(fqns) > 5 else "")

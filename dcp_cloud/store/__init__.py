@@ -1,0 +1,86 @@
+"""Opening the right store for a URL."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+from ..errors import StoreConfigError
+from ..urls import redact_url, url_scheme
+from .base import MultipartUpload, ObjectInfo, ObjectStore
+from .fsspec_store import FsspecStore
+from .local import LocalStore
+
+__all__ = ["MultipartUpload", "ObjectInfo", "ObjectStore", "open_store", "redact_url"]
+
+# The extra of dcp-cloud that installs each scheme's fsspec backend.
+_EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
+}
+
+
+
+
+def open_store(
+    url: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    filesystem: AbstractFileSystem | None = None,
+    max_concurrency: int = 16,
+) -> ObjectStore:
+    """The store for ``url``: S3 via s3fs, local folders, or any other fsspec filesystem."""
+    url = os.fspath(url)
+    if not url:
+        raise StoreConfigError("the checkpoint URL is empty; pass e.g. 's3://bucket/run1/step-100'")
+    shown = redact_url(url)
+    scheme = url_scheme(url)
+    if filesystem is None:
+        options = dict(storage_options or {})
+        if scheme in ("s3", "s3a"):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("max_pool_connections", max(10, max_concurrency))
+            options["config_kwargs"] = config
+        try:
+            filesystem, root = fsspec.core.url_to_fs(url, **options)
+        except ImportError as exc:
+            extra = _EXTRAS.get(scheme)
+            hint = f"pip install 'dcp-cloud[{extra}]'" if extra else f"install the fsspec backend for {scheme}://"
+            raise StoreConfigError(
+                f"{shown}: the {scheme}:// backend is not installed ({exc}). Run: {hint}"
+            ) from exc
+        except ValueError as exc:
+            if "protocol" in str(exc).lower():
+                raise StoreConfigError(
+                    f"{shown}: unknown URL scheme {scheme!r}. Use s3://, gs://, az://, abfs://, "
+                    "file://, memory://, a local path, or any scheme an installed fsspec backend "
+                    "provides."
+                ) from exc
+            raise StoreConfigError(f"{shown}: {exc}") from exc
+        except TypeError as exc:
+            raise StoreConfigError(
+                f"{shown}: storage_options were not accepted by the {scheme}:// backend ({exc})"
+            ) from exc
+    else:
+        root = filesystem._strip_protocol(url)
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(filesystem, LocalFileSystem):
+        return LocalStore(shown, root, max_concurrency)
+    if type(filesystem).__name__ == "S3FileSystem":
+        from .s3 import S3Store
+
+        bucket = filesystem.split_path(root)[0]
+        if not bucket:
+            raise StoreConfigError(f"{shown}: the URL names no bucket; use s3://BUCKET/PREFIX")
+        return S3Store(filesystem, shown, root, max_concurrency)
+    return FsspecStore(filesystem, shown, root, max_concurrency)

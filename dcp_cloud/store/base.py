@@ -1,0 +1,134 @@
+"""The transport: one small async interface over an object store.
+
+Everything above this layer speaks in keys relative to the checkpoint's root. Each store runs its
+coroutines on one event loop (fsspec's I/O loop), and callers on ordinary threads use ``run`` and
+``submit``. Requests are bounded by ``max_concurrency`` and counted for the stats.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import fsspec.asyn
+
+from ..stats import RequestCounter
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object in a listing: its key relative to the store root, size and modification time."""
+
+    key: str
+    size: int
+    modified: float | None = None
+
+
+@dataclass
+class MultipartUpload:
+    """An upload in progress; ``state`` is the store's own (an upload id, a file handle)."""
+
+    key: str
+    state: Any = None
+    parts: dict[int, Any] = field(default_factory=dict)
+
+
+class ObjectStore(abc.ABC):
+    """Async operations on objects under one root (bucket plus prefix, or a folder).
+
+    Missing objects raise ``FileNotFoundError``; a missing bucket raises
+    ``BucketNotFoundError``; refused credentials raise ``StoreAccessError``; ``put`` with
+    ``if_absent=True`` on an existing key raises ``FileExistsError``.
+    """
+
+    #: whether ``put(if_absent=True)`` is enforced by the store itself, atomically
+    supports_conditional_put: bool = False
+
+    def __init__(self, url: str, root: str, max_concurrency: int = 16) -> None:
+        self.url = url
+        self.root = root.rstrip("/")
+        self.max_concurrency = max_concurrency
+        self.counter = RequestCounter()
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    # -- running coroutines from ordinary threads ---------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this store's coroutines run on."""
+        return fsspec.asyn.get_loop()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule ``coro`` on the store's loop; returns a thread-safe future."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the store's loop and wait for its result."""
+        return self.submit(coro).result()
+
+    def _slots(self) -> asyncio.Semaphore:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        return self._semaphore
+
+    async def _request(self, kind: str, coro: Coroutine[Any, Any, T]) -> T:
+        """Await one store request under the concurrency bound, counting it."""
+        async with self._slots():
+            self.counter.request(kind)
+            return await coro
+
+    # -- the operations -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Write a whole object in one atomic request."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes:
+        """Read a whole object."""
+
+    @abc.abstractmethod
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Read bytes ``[start, end)`` of an object."""
+
+    @abc.abstractmethod
+    async def exists(self, key: str) -> bool:
+        """Whether an object exists."""
+
+    @abc.abstractmethod
+    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """All objects whose key starts with ``prefix`` (recursively)."""
+
+    @abc.abstractmethod
+    async def delete(self, keys: list[str]) -> None:
+        """Delete objects; missing ones are ignored."""
+
+    @abc.abstractmethod
+    async def start_upload(self, key: str) -> MultipartUpload:
+        """Begin a multipart upload of ``key``; nothing is visible until ``complete_upload``."""
+
+    @abc.abstractmethod
+    async def upload_part(
+        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray
+    ) -> None:
+        """Send part ``part_number`` (1-based) that starts at byte ``offset`` of the object."""
+
+    @abc.abstractmethod
+    async def complete_upload(self, upload: MultipartUpload) -> None:
+        """Make the object visible, atomically, from all parts sent."""
+
+    @abc.abstractmethod
+    async def abort_upload(self, upload: MultipartUpload) -> None:
+        """Discard an upload; never raises for an upload that is already gone."""
+
+    async def close(self) -> None:
+        """Release connections (optional)."""

@@ -1,0 +1,151 @@
+"""Streaming one data object to the store as concurrent multipart parts.
+
+``ObjectUpload`` is a write-only stream: torch.save writes into it, bytes are copied once into
+pooled part buffers, and each full part is sent while serialization goes on. When the pool is
+empty, ``write`` blocks until a part has been sent: memory stays within the budget however large
+the checkpoint. An object smaller than one part goes up as a single PUT.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+import crc32c
+
+from .buffers import BufferPool
+from .errors import UploadError
+from .store import MultipartUpload, ObjectStore
+
+
+class ObjectUpload:
+    """Write-only stream that uploads ``key``; call ``commit`` to finish or ``abort`` to discard."""
+
+    def __init__(self, store: ObjectStore, key: str, pool: BufferPool) -> None:
+        self.store = store
+        self.key = key
+        self.pool = pool
+        self.part_size = pool.size
+        self._position = 0
+        self._buffer: bytearray | None = None
+        self._fill = 0
+        self._parts_sent = 0
+        self._upload: MultipartUpload | None = None
+        self._pending: list[concurrent.futures.Future[None]] = []
+        self._item_crc = 0
+        self._closed = False
+
+    # -- the file-like surface torch.save needs ------------------------------------------------
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        size = len(view)
+        self._item_crc = crc32c.crc32c(view, self._item_crc)
+        while view:
+            if self._buffer is None:
+                self._raise_failures()
+                self._buffer = self.pool.get()
+            n = min(len(view), self.part_size - self._fill)
+            self._buffer[self._fill : self._fill + n] = view[:n]
+            self._fill += n
+            view = view[n:]
+            if self._fill == self.part_size:
+                self._send_part()
+        self._position += size
+        return size
+
+    def flush(self) -> None:
+        """No-op: parts are sent when full (torch.save calls flush)."""
+
+    def tell(self) -> int:
+        return self._position
+
+    def writable(self) -> bool:
+        return True
+
+    # -- items ---------------------------------------------------------------------------------
+
+    def begin_item(self) -> int:
+        """Start checksumming a new item; returns its offset in the object."""
+        self._item_crc = 0
+        return self._position
+
+    def end_item(self) -> int:
+        """The CRC32C of the bytes written since ``begin_item``."""
+        return self._item_crc
+
+    # -- parts ---------------------------------------------------------------------------------
+
+    def _send_part(self) -> None:
+        buffer, fill = self._buffer, self._fill
+        assert buffer is not None
+        self._buffer, self._fill = None, 0
+        if self._upload is None:
+            try:
+                self._upload = self.store.run(self.store.start_upload(self.key))
+            except BaseException:
+                self.pool.put(buffer)
+                raise
+        self._parts_sent += 1
+        number = self._parts_sent
+        offset = (number - 1) * self.part_size
+        self._pending.append(self.store.submit(self._send(number, offset, buffer, fill)))
+
+    async def _send(self, number: int, offset: int, buffer: bytearray, fill: int) -> None:
+        try:
+            body = buffer if fill == len(buffer) else bytes(memoryview(buffer)[:fill])
+            assert self._upload is not None
+            await self.store.upload_part(self._upload, number, offset, body)
+        finally:
+            self.pool.put(buffer)
+
+    def _raise_failures(self) -> None:
+        for future in self._pending:
+            if future.done() and future.exception() is not None:
+                exc = future.exception()
+                raise UploadError(
+                    f"{self.store.url}: uploading {self.key} failed: {type(exc).__name__}: {exc}"
+                ) from exc
+
+    def commit(self) -> int:
+        """Send what is left and make the object visible; returns its size."""
+        if self._closed:
+            raise RuntimeError(f"upload of {self.key} is already finished")
+        try:
+            if self._upload is None:
+                data = bytes(memoryview(self._buffer)[: self._fill]) if self._buffer else b""
+                if self._buffer is not None:
+                    self.pool.put(self._buffer)
+                    self._buffer = None
+                self.store.run(self.store.put(self.key, data))
+            else:
+                if self._fill:
+                    self._send_part()
+                elif self._buffer is not None:
+                    self.pool.put(self._buffer)
+                    self._buffer = None
+                concurrent.futures.wait(self._pending)
+                self._raise_failures()
+                self.store.run(self.store.complete_upload(self._upload))
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self._position
+
+    def abort(self) -> None:
+        """Stop sending, wait for parts in flight, and discard the multipart upload."""
+        if self._closed:
+            return
+        self._closed = True
+        for future in self._pending:
+            future.cancel()
+        concurrent.futures.wait(self._pending)
+        if self._buffer is not None:
+            self.pool.put(self._buffer)
+            self._buffer = None
+        if self._upload is not None:
+            try:
+                self.store.run(self.store.abort_upload(self._upload))
+            except Exception:
+                pass

@@ -1,0 +1,329 @@
+"""CloudStorageWriter: DCP's StorageWriter for object stores, with an atomic commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fsspec import AbstractFileSystem
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from . import layout
+from ._version import __version__
+from .buffers import BufferPool
+from .errors import CheckpointExistsError, DcpCloudError
+from .manifest import ItemRecord, Manifest
+from .options import TransferOptions
+from .safe_pickle import load_metadata
+from .stats import StatsRecorder, TransferStats
+from .store import ObjectStore, open_store
+from .urls import is_supported_url, redact_url
+from .upload import ObjectUpload
+
+logger = logging.getLogger("dcp_cloud")
+
+DCP_METADATA_VERSION = "1.0.0"  # what torch's FileSystemWriter writes; FileSystemReader expects it
+
+
+@dataclass(frozen=True)
+class _SavePrefix:
+    """Per-rank plan storage_data: where this rank's objects go. Travels between ranks only."""
+
+    save_id: str
+    file_prefix: str
+
+
+@dataclass(frozen=True)
+class _WrittenItem:
+    """WriteResult.storage_data on its way to the coordinator: torch's locator plus a CRC32C."""
+
+    info: _StorageInfo
+    crc32c: int
+
+
+def _cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as torch's FileSystemWriter serializes it: detached, on CPU, minimal storage."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.untyped_storage().size() != tensor.nbytes:
+        tensor = tensor.clone()
+    return tensor
+
+
+class CloudStorageWriter(StorageWriter):
+    """Saves DCP checkpoints to an object store (S3, GCS, Azure) or any fsspec filesystem.
+
+    Each rank packs its items into data objects under a save-unique key, sending large objects
+    as concurrent multipart uploads within a memory budget. The coordinator then writes a
+    manifest and, last, ``.metadata`` with one PUT: until that PUT the new checkpoint does not
+    exist, and a checkpoint it replaces stays loadable. The replaced save's data objects are
+    deleted only after the commit.
+
+    Args:
+        url: where the checkpoint goes, e.g. ``s3://bucket/run1/step-100``, ``gs://...``,
+            ``az://container/...``, ``file:///...``, ``memory://...`` or a local path.
+        storage_options: passed to the fsspec filesystem (``endpoint_url``, ``key``,
+            ``secret``, ``profile``, ``token``, ...). Defaults to each cloud's standard
+            credential chain and environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...).
+        filesystem: an existing fsspec filesystem to use instead of ``storage_options``.
+        part_size: bytes per multipart part (at least 5 MiB).
+        max_concurrency: requests in flight per process.
+        memory_budget: bytes of part buffers per process.
+        overwrite: when False, saving where a checkpoint is already committed raises
+            :class:`CheckpointExistsError` (checked before uploading, and enforced at the
+            commit by a conditional PUT where the store supports one).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, Any] | None = None,
+        filesystem: AbstractFileSystem | None = None,
+        part_size: int = TransferOptions.part_size,
+        max_concurrency: int = TransferOptions.max_concurrency,
+        memory_budget: int = TransferOptions.memory_budget,
+        overwrite: bool = True,
+    ) -> None:
+        super().__init__()
+        self.url = os.fspath(url)
+        self.storage_options = dict(storage_options or {})
+        self.filesystem = filesystem
+        self.options = TransferOptions(
+            part_size=part_size, max_concurrency=max_concurrency, memory_budget=memory_budget
+        )
+        self.overwrite = overwrite
+        self.rank = 0
+        self.is_coordinator = True
+        self.use_collectives = True
+        self.save_id = layout.new_save_id()
+        self.last_stats: TransferStats | None = None
+        self._store: ObjectStore | None = None
+        self._recorder: StatsRecorder | None = None
+        self._active: _SavePrefix | None = None
+
+    def __repr__(self) -> str:
+        return f"CloudStorageWriter({redact_url(self.url)!r}, overwrite={self.overwrite})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable for async_save's PROCESS mode: the child opens its own connections.
+        state = self.__dict__.copy()
+        state["_store"] = None
+        state["_recorder"] = None
+        return state
+
+    @property
+    def store(self) -> ObjectStore:
+        if self._store is None:
+            self._store = open_store(
+                self.url, self.storage_options, self.filesystem, self.options.max_concurrency
+            )
+        return self._store
+
+    # -- StorageWriter -------------------------------------------------------------------------
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        if checkpoint_id:
+            new_url = os.fspath(checkpoint_id)
+            if new_url != self.url:
+                self.url = new_url
+                self._store = None
+        self.save_id = layout.new_save_id()
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return is_supported_url(os.fspath(checkpoint_id))
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=redact_url(self.url), save_id=self.save_id)
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        self.rank = int(kwargs.get("rank", 0) or 0)
+        self.use_collectives = bool(kwargs.get("use_collectives", True))
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self.save_id = layout.new_save_id()
+        self._recorder = StatsRecorder("save", self.store.url, self.store.counter)
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if not self.overwrite:
+            self._refuse_if_committed()
+        out = []
+        for index, plan in enumerate(plans):
+            rank = index if self.use_collectives else self.rank
+            out.append(
+                dataclasses.replace(plan, storage_data=_SavePrefix(self.save_id, f"__{rank}_"))
+            )
+        return out
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        prefix = plan.storage_data
+        if not isinstance(prefix, _SavePrefix):
+            raise DcpCloudError(
+                f"{self.store.url}: the save plan carries no dcp_cloud save prefix; was the plan "
+                "prepared by another StorageWriter (or cached across writers)?"
+            )
+        self._active = prefix
+        if self._recorder is None:
+            self._recorder = StatsRecorder("save", self.store.url, self.store.counter)
+        results = self._upload_items(plan.items, planner, prefix)
+        stats = self._recorder.stats
+        stats.items = len(results)
+        stats.bytes = sum(r.size_in_bytes for r in results)
+        stats.objects = len({r.storage_data.info.relative_path for r in results})
+        self.last_stats = self._recorder.finish()
+        if not self.is_coordinator:
+            logger.debug("%s (rank %d)", self.last_stats.summary(), self.rank)
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        prefix = self._active
+        if prefix is None:
+            raise DcpCloudError("finish() was called before write_data()")
+        store = self.store
+        manifest = Manifest(
+            save_id=prefix.save_id,
+            torch_version=torch.__version__,
+            dcp_cloud_version=__version__,
+        )
+        storage_data: dict[Any, _StorageInfo] = {}
+        for rank_results in results:
+            for result in rank_results:
+                located = result.storage_data
+                info = located.info if isinstance(located, _WrittenItem) else located
+                storage_data[result.index] = info
+                if isinstance(located, _WrittenItem):
+                    manifest.objects.setdefault(info.relative_path, []).append(
+                        ItemRecord(info.offset, info.length, located.crc32c)
+                    )
+        metadata.version = DCP_METADATA_VERSION
+        metadata.storage_data = storage_data
+        metadata.storage_meta = StorageMeta(
+            checkpoint_id=redact_url(self.url), save_id=prefix.save_id
+        )
+        key = layout.metadata_key(None if self.use_collectives else self.rank)
+
+        previous = self._read_committed(key)
+        if previous is not None and not self.overwrite:
+            raise self._exists_error(key)
+        store.run(store.put(layout.manifest_key(prefix.save_id), manifest.to_json()))
+        try:
+            store.run(store.put(key, pickle.dumps(metadata, protocol=4), if_absent=not self.overwrite))
+        except FileExistsError:
+            raise self._exists_error(key) from None
+        if previous is not None:
+            self._delete_replaced(previous, metadata)
+
+        recorder = self._recorder or StatsRecorder("save", store.url, store.counter)
+        recorder.stats.bytes = manifest.total_bytes
+        recorder.stats.objects = len(manifest.objects)
+        recorder.stats.items = len(storage_data)
+        self.last_stats = recorder.finish()
+        self._recorder = None
+        logger.info("%s", self.last_stats.summary())
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _upload_items(
+        self, items: list[WriteItem], planner: SavePlanner, prefix: _SavePrefix
+    ) -> list[WriteResult]:
+        # Same order as torch's FileSystemWriter: pickled objects first, then tensors.
+        ordered = [i for i in items if i.type == WriteItemType.BYTE_IO] + [
+            i for i in items if i.type != WriteItemType.BYTE_IO
+        ]
+        if not ordered:
+            return []
+        opts = self.options
+        pool = BufferPool(opts.part_size, max(2, opts.memory_budget // opts.part_size))
+        results: list[WriteResult] = []
+        object_index = 0
+        key = layout.data_key(prefix.save_id, prefix.file_prefix, object_index)
+        upload = ObjectUpload(self.store, key, pool)
+        try:
+            for item in ordered:
+                if upload.tell() >= opts.max_object_size:
+                    upload.commit()
+                    object_index += 1
+                    key = layout.data_key(prefix.save_id, prefix.file_prefix, object_index)
+                    upload = ObjectUpload(self.store, key, pool)
+                data = planner.resolve_data(item)
+                offset = upload.begin_item()
+                if item.type == WriteItemType.BYTE_IO:
+                    upload.write(data.getbuffer())
+                else:
+                    torch.save(_cpu_tensor(data), upload)
+                length = upload.tell() - offset
+                info = _StorageInfo(relative_path=key, offset=offset, length=length)
+                results.append(
+                    WriteResult(
+                        index=item.index,
+                        size_in_bytes=length,
+                        storage_data=_WrittenItem(info, upload.end_item()),
+                    )
+                )
+            upload.commit()
+        except BaseException:
+            upload.abort()
+            raise
+        return results
+
+    def _refuse_if_committed(self) -> None:
+        key = layout.metadata_key(None if self.use_collectives else self.rank)
+        if self.store.run(self.store.exists(key)):
+            raise self._exists_error(key)
+
+    def _exists_error(self, key: str) -> CheckpointExistsError:
+        return CheckpointExistsError(
+            f"{self.store.url}: a checkpoint is already committed here ({key} exists) and "
+            "overwrite=False. Save to a new URL, delete the old checkpoint, or pass overwrite=True."
+        )
+
+    def _read_committed(self, key: str) -> Metadata | None:
+        """The metadata this save replaces, or None."""
+        store = self.store
+        try:
+            data = store.run(store.get(key))
+        except FileNotFoundError:
+            return None
+        try:
+            return load_metadata(data, f"{store.url}/{key}")
+        except DcpCloudError as exc:
+            logger.warning("not cleaning up after the replaced checkpoint: %s", exc)
+            return None
+
+    def _delete_replaced(self, previous: Metadata, current: Metadata) -> None:
+        """Delete the replaced save's objects; failures only leave debris for gc."""
+        keep = {info.relative_path for info in (current.storage_data or {}).values()}
+        old_keys = {
+            getattr(info, "relative_path", None) for info in (previous.storage_data or {}).values()
+        }
+        doomed = sorted(k for k in old_keys if isinstance(k, str) and k not in keep)
+        old_save_id = getattr(previous.storage_meta, "save_id", None)
+        if old_save_id and any(layout.save_id_of_key(k) == old_save_id for k in doomed):
+            doomed.append(layout.manifest_key(old_save_id))
+        if not doomed:
+            return
+        try:
+            self.store.run(self.store.delete(doomed))
+        except Exception as exc:
+            logger.warning(
+                "%s: the new checkpoint is committed, but deleting %d objects of the replaced "
+                "one failed (%s); `dcp-cloud gc` removes them later",
+                self.store.url,
+                len(doomed),
+                exc,
+            )
