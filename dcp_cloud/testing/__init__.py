@@ -1,0 +1,176 @@
+"""Local object-store servers for tests: real HTTP servers on 127.0.0.1, no cloud account.
+
+    from dcp_cloud.testing import S3Server
+
+    with S3Server() as server:
+        server.create_bucket("ckpt")
+        writer = CloudStorageWriter("s3://ckpt/run1", storage_options=server.storage_options)
+
+``S3Server`` runs moto's S3 server in a child process on a free port and keeps a server-side log
+of every request (``server.requests()``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["S3Server", "ServerRequest", "free_port"]
+
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing-secret"
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ServerRequest:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    query: str
+    status: int
+
+    @property
+    def kind(self) -> str:
+        """The S3 operation, e.g. put_object, upload_part, get_object, list_objects."""
+        q = self.query
+        if self.method == "PUT":
+            if "partNumber=" in q:
+                return "upload_part"
+            return "put_object" if self.path.count("/") > 1 else "create_bucket"
+        if self.method == "POST":
+            if "uploads" in q.split("&"):
+                return "create_multipart_upload"
+            if "uploadId=" in q:
+                return "complete_multipart_upload"
+            if "delete" in q.split("&"):
+                return "delete_objects"
+            return "post"
+        if self.method == "DELETE":
+            return "abort_multipart_upload" if "uploadId=" in q else "delete_object"
+        if self.method == "HEAD":
+            return "head"
+        if self.method == "GET":
+            return "list_objects" if self.path.count("/") <= 1 or "list-type" in q else "get_object"
+        return self.method.lower()
+
+
+class S3Server:
+    """moto's S3 server in a child process on 127.0.0.1, with a request log."""
+
+    def __init__(self, port: int | None = None, log_dir: str | None = None) -> None:
+        self.port = port or free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="dcp-cloud-moto-") if log_dir is None else None
+        self.log_path = os.path.join(log_dir or self._tmp.name, "requests.jsonl")  # type: ignore[union-attr]
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """s3fs options that reach this server."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "key": ACCESS_KEY,
+            "secret": SECRET_KEY,
+            "client_kwargs": {"region_name": REGION},
+        }
+
+    @property
+    def env(self) -> dict[str, str]:
+        """AWS environment variables that reach this server (for clients configured by env)."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+        }
+
+    def start(self, timeout: float = 30.0) -> S3Server:
+        env = {**os.environ, "MOTO_PORT": str(self.port)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "dcp_cloud.testing.moto_server", "--port", str(self.port), "--log", self.log_path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"moto server exited with code {self._process.returncode}")
+            try:
+                urllib.request.urlopen(self.endpoint_url + "/", timeout=1).close()
+                return self
+            except urllib.error.HTTPError:
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"moto server did not answer on {self.endpoint_url} within {timeout} s")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> S3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this server."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def requests(self) -> list[ServerRequest]:
+        """Every request the server answered so far, in order."""
+        try:
+            with open(self.log_path) as log:
+                return [ServerRequest(**json.loads(line)) for line in log if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def clear_requests(self) -> None:
+        open(self.log_path, "w").close()

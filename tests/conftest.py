@@ -1,0 +1,68 @@
+"""Fixtures: real stores over HTTP on 127.0.0.1 (moto's S3 server), local folders, memory."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from dcp_cloud import CloudStorageReader, CloudStorageWriter
+from dcp_cloud.testing import S3Server
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+BUCKET = "dcp-cloud-tests"
+STORES = ["s3", "file", "memory"]
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server in a child process on a free port, with one bucket."""
+    with S3Server() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@dataclass
+class Target:
+    """A fresh checkpoint location on one store."""
+
+    store: str
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    server: S3Server | None = None
+
+    def writer(self, url: str | None = None, **kwargs: Any) -> CloudStorageWriter:
+        return CloudStorageWriter(url or self.url, storage_options=self.storage_options, **kwargs)
+
+    def reader(self, url: str | None = None, **kwargs: Any) -> CloudStorageReader:
+        return CloudStorageReader(url or self.url, storage_options=self.storage_options, **kwargs)
+
+    def child(self, name: str) -> Target:
+        return Target(self.store, f"{self.url}/{name}", self.storage_options, self.server)
+
+
+def make_target(store: str, request: pytest.FixtureRequest, tmp_path: Any) -> Target:
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    if store == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        return Target("s3", f"s3://{BUCKET}/{name}/ckpt", server.storage_options, server)
+    if store == "file":
+        return Target("file", str(tmp_path / name / "ckpt"))
+    return Target("memory", f"memory://{BUCKET}/{name}/ckpt")
+
+
+@pytest.fixture(params=STORES)
+def target(request: pytest.FixtureRequest, tmp_path: Any) -> Target:
+    """A fresh checkpoint URL on each store in turn."""
+    return make_target(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def s3_target(request: pytest.FixtureRequest, tmp_path: Any) -> Target:
+    """A fresh checkpoint URL on the S3 server."""
+    return make_target("s3", request, tmp_path)
