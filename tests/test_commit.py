@@ -1,0 +1,143 @@
+"""The commit protocol, proven from the server's side: .metadata last, old data deleted after."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+from dcp_cloud import CheckpointExistsError, UploadError
+from dcp_cloud.store import open_store
+from dcp_cloud.store.s3 import S3Store
+
+from .conftest import BUCKET, Target
+from .helpers import failure_text, failure_types
+
+WRITES = {"put_object", "upload_part", "create_multipart_upload", "complete_multipart_upload"}
+
+
+def _state(value: float) -> dict[str, Any]:
+    return {"big": torch.full((3 * 1024 * 1024,), value), "small": torch.full((10,), value), "tag": value}
+
+
+def _load(target: Target) -> dict[str, Any]:
+    out = {"big": torch.zeros(3 * 1024 * 1024), "small": torch.zeros(10), "tag": None}
+    dcp.load(out, storage_reader=target.reader())
+    return out
+
+
+def _ckpt_requests(target: Target) -> list:
+    """Requests on the checkpoint's keys, plus batch deletes (sent to the bucket itself)."""
+    path = "/" + target.url.removeprefix("s3://")
+    return [
+        r for r in target.server.requests()
+        if r.path.startswith(path) or (r.kind == "delete_objects" and r.path.strip("/") == BUCKET)
+    ]
+
+
+def test_metadata_put_is_the_last_write_of_a_save(s3_target: Target) -> None:
+    s3_target.server.clear_requests()
+    dcp.save(_state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+    requests = _ckpt_requests(s3_target)
+    writes = [r for r in requests if r.kind in WRITES]
+    assert writes[-1].kind == "put_object" and writes[-1].path.endswith("/.metadata")
+    assert sum(r.kind == "upload_part" for r in writes) >= 2
+    assert all(r.status < 300 for r in writes)
+    # everything after the commit is cleanup, never a write
+    last = requests.index(writes[-1])
+    assert all(r.kind not in WRITES for r in requests[last + 1 :])
+
+
+def test_overwrite_keeps_old_loadable_until_commit_then_deletes_it(s3_target: Target) -> None:
+    dcp.save(_state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+    store = open_store(s3_target.url, s3_target.storage_options)
+    old_keys = {o.key for o in store.run(store.list(""))}
+    s3_target.server.clear_requests()
+
+    dcp.save(_state(2.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+    requests = _ckpt_requests(s3_target)
+    commit = max(i for i, r in enumerate(requests) if r.kind == "put_object" and r.path.endswith("/.metadata"))
+    # no request before the commit touched the old save's objects
+    old_data = {k for k in old_keys if k != ".metadata"}
+    for r in requests[:commit]:
+        assert not any(r.path.endswith("/" + k) for k in old_data if r.kind != "get_object"), r
+    # the old save's objects are deleted after the commit
+    assert any(r.kind == "delete_objects" for r in requests[commit + 1 :])
+    new_keys = {o.key for o in store.run(store.list(""))}
+    assert not (old_data & new_keys), "old data objects were not cleaned up"
+    assert _load(s3_target)["tag"] == 2.0
+
+
+def test_overwrite_false_refuses_an_existing_checkpoint(target: Target) -> None:
+    dcp.save(_state(1.0), storage_writer=target.writer())
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(_state(2.0), storage_writer=target.writer(overwrite=False))
+    assert CheckpointExistsError in failure_types(info.value)
+    assert "overwrite=False" in failure_text(info.value) and target.url.split("/")[-2] in failure_text(info.value)
+    out = _load(target)
+    assert out["tag"] == 1.0 and torch.equal(out["small"], torch.full((10,), 1.0))
+
+
+def test_overwrite_false_saves_where_nothing_is_committed(target: Target) -> None:
+    dcp.save(_state(3.0), storage_writer=target.writer(overwrite=False))
+    assert _load(target)["tag"] == 3.0
+
+
+@pytest.mark.parametrize("store_kind", ["s3", "file"])
+def test_conditional_put_is_enforced_by_the_store(store_kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> None:
+    from .conftest import make_target
+
+    target = make_target(store_kind, request, tmp_path)
+    store = open_store(target.url, target.storage_options)
+    store.run(store.put("x", b"first", if_absent=True))
+    with pytest.raises(FileExistsError):
+        store.run(store.put("x", b"second", if_absent=True))
+    assert store.run(store.get("x")) == b"first"
+
+
+class FailingPlanner(DefaultSavePlanner):
+    """Raises while resolving one item, the way a broken tensor or a D2H copy would."""
+
+    def resolve_data(self, write_item: Any) -> Any:
+        if write_item.index.fqn == "small":
+            raise RuntimeError("injected failure resolving 'small'")
+        return super().resolve_data(write_item)
+
+
+def test_an_item_that_fails_fails_the_save_and_keeps_the_old(target: Target) -> None:
+    dcp.save(_state(1.0), storage_writer=target.writer())
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(_state(2.0), storage_writer=target.writer(part_size=5 * 1024 * 1024), planner=FailingPlanner())
+    assert "injected failure" in failure_text(info.value)
+    assert _load(target)["tag"] == 1.0
+
+
+def test_a_part_that_fails_to_upload_aborts_the_multipart_upload(
+    s3_target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dcp.save(_state(1.0), storage_writer=s3_target.writer())
+    real_upload_part = S3Store.upload_part
+
+    async def flaky_upload_part(self: S3Store, upload: Any, part_number: int, offset: int, data: Any) -> None:
+        if part_number == 2:
+            raise ConnectionResetError("injected: connection reset while sending part 2")
+        await real_upload_part(self, upload, part_number, offset, data)
+
+    monkeypatch.setattr(S3Store, "upload_part", flaky_upload_part)
+    s3_target.server.clear_requests()
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(_state(2.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+    assert UploadError in failure_types(info.value)
+    assert "part 2" in failure_text(info.value)
+    kinds = [r.kind for r in _ckpt_requests(s3_target)]
+    assert "abort_multipart_upload" in kinds and "complete_multipart_upload" not in kinds
+    assert not any(r.path.endswith("/.metadata") and r.kind == "put_object" for r in _ckpt_requests(s3_target))
+    uploads = s3_target.server.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+    prefix = s3_target.url.removeprefix(f"s3://{BUCKET}/")
+    assert not [u for u in uploads if u["Key"].startswith(prefix)], "a multipart upload was left open"
+    monkeypatch.undo()
+    assert _load(s3_target)["tag"] == 1.0

@@ -1,0 +1,191 @@
+"""Bad input gets a clear error that names the URL and says what to do."""
+
+from __future__ import annotations
+
+import importlib.util
+import pickle
+from pathlib import Path
+from typing import Any
+
+import fsspec.registry
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dcp_cloud import (
+    BucketNotFoundError,
+    CloudStorageReader,
+    CloudStorageWriter,
+    StoreConfigError,
+)
+from dcp_cloud.store import open_store
+
+from .conftest import Target
+from .helpers import failure_text, failure_types
+
+
+def _save(target: Target) -> dict[str, Any]:
+    state = {"w": torch.randn(64, 64), "b": torch.randn(64), "step": 3}
+    dcp.save(state, storage_writer=target.writer())
+    return state
+
+
+def _target_state() -> dict[str, Any]:
+    return {"w": torch.zeros(64, 64), "b": torch.zeros(64), "step": 0}
+
+
+def test_unknown_scheme() -> None:
+    with pytest.raises(CheckpointException) as info:
+        dcp.save({"x": torch.ones(1)}, storage_writer=CloudStorageWriter("nosuchscheme://bucket/x"))
+    assert StoreConfigError in failure_types(info.value)
+    assert "unknown URL scheme 'nosuchscheme'" in failure_text(info.value)
+
+
+def test_missing_backend_names_the_extra_to_install() -> None:
+    missing = None
+    for scheme, extra_module in (("gs", "gcsfs"), ("az", "adlfs"), ("abfs", "adlfs")):
+        if importlib.util.find_spec(extra_module) is None:
+            missing = scheme
+            break
+    if missing is None:
+        # every cloud backend is installed here: use a known scheme whose backend is not
+        missing = next(
+            s for s, impl in fsspec.registry.known_implementations.items()
+            if importlib.util.find_spec(impl["class"].split(".")[0]) is None and "err" in impl
+        )
+        expected = "backend is not installed"
+    else:
+        expected = "pip install 'dcp-cloud[" + ("gcs" if missing == "gs" else "azure") + "]'"
+    with pytest.raises(StoreConfigError) as info:
+        open_store(f"{missing}://bucket/ckpt")
+    assert expected in str(info.value)
+
+
+def test_missing_bucket_on_save_and_load(s3_target: Target) -> None:
+    url = "s3://no-such-bucket-here/ckpt"
+    with pytest.raises(CheckpointException) as info:
+        dcp.save({"x": torch.ones(1)}, storage_writer=s3_target.writer(url=url))
+    assert BucketNotFoundError in failure_types(info.value)
+    assert "no-such-bucket-here" in failure_text(info.value) and "does not exist" in failure_text(info.value)
+    with pytest.raises(CheckpointException) as info:
+        dcp.load({"x": torch.ones(1)}, storage_reader=s3_target.reader(url=url))
+    assert "bucket 'no-such-bucket-here' does not exist" in failure_text(info.value)
+
+
+def test_no_checkpoint_at_url(target: Target) -> None:
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    text = failure_text(info.value)
+    assert "no checkpoint here" in text and target.url.rsplit("/", 2)[-2] in text
+
+
+def test_incomplete_checkpoint_data_without_metadata(target: Target) -> None:
+    _save(target)
+    store = open_store(target.url, target.storage_options)
+    store.run(store.delete([".metadata"]))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    assert "data objects but no .metadata" in failure_text(info.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_metadata(target: Target, damage: str) -> None:
+    _save(target)
+    store = open_store(target.url, target.storage_options)
+    good = store.run(store.get(".metadata"))
+    bad = {"garbage": b"\x80\x04not a pickle at all", "truncated": good[: len(good) // 2], "empty": b""}[damage]
+    store.run(store.put(".metadata", bad))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    assert "corrupt or truncated" in failure_text(info.value)
+
+
+class _Boom:
+    def __reduce__(self) -> Any:
+        return (Path.touch, (Path("/tmp/dcp-cloud-pwned"),))
+
+
+def test_malicious_metadata_pickle_is_refused_and_not_run(target: Target, tmp_path: Path) -> None:
+    _save(target)
+    marker = Path("/tmp/dcp-cloud-pwned")
+    marker.unlink(missing_ok=True)
+    store = open_store(target.url, target.storage_options)
+    store.run(store.put(".metadata", pickle.dumps(_Boom())))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    assert "not a plain DCP metadata pickle" in failure_text(info.value)
+    assert not marker.exists(), "the crafted pickle ran code"
+
+
+def test_flipped_byte_in_data_names_object_and_tensor(target: Target) -> None:
+    _save(target)
+    store = open_store(target.url, target.storage_options)
+    key = next(o.key for o in store.run(store.list("")) if o.key.endswith(".distcp"))
+    data = bytearray(store.run(store.get(key)))
+    data[len(data) // 2] ^= 0xFF
+    store.run(store.put(key, bytes(data)))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    text = failure_text(info.value)
+    assert "checksum mismatch" in text and key in text and "w" in text
+
+
+def test_flipped_byte_loads_when_verification_is_off(target: Target) -> None:
+    state = _save(target)
+    store = open_store(target.url, target.storage_options)
+    key = next(o.key for o in store.run(store.list("")) if o.key.endswith(".distcp"))
+    data = bytearray(store.run(store.get(key)))
+    data[len(data) // 2] ^= 0x01  # inside the payload of "w", the largest item
+    store.run(store.put(key, bytes(data)))
+    out = _target_state()
+    dcp.load(out, storage_reader=target.reader(verify_checksums=False))
+    assert not (torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"]))
+
+
+def test_truncated_data_object(target: Target) -> None:
+    _save(target)
+    store = open_store(target.url, target.storage_options)
+    key = next(o.key for o in store.run(store.list("")) if o.key.endswith(".distcp"))
+    data = store.run(store.get(key))
+    store.run(store.put(key, data[: len(data) - 100]))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    text = failure_text(info.value)
+    assert "truncated" in text and key in text
+
+
+def test_missing_data_object(target: Target) -> None:
+    _save(target)
+    store = open_store(target.url, target.storage_options)
+    key = next(o.key for o in store.run(store.list("")) if o.key.endswith(".distcp"))
+    store.run(store.delete([key]))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    text = failure_text(info.value)
+    assert "is missing" in text and key in text
+
+
+def test_state_dict_with_reshaped_tensor(target: Target) -> None:
+    _save(target)
+    out = _target_state()
+    out["w"] = torch.zeros(32, 128)
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(out, storage_reader=target.reader())
+    assert "w" in failure_text(info.value)
+
+
+def test_bad_options_are_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="5 MiB"):
+        CloudStorageWriter("memory://x/y", part_size=1024)
+    with pytest.raises(ValueError, match="memory_budget"):
+        CloudStorageReader("memory://x/y", part_size=8 * 1024 * 1024, memory_budget=8 * 1024 * 1024)
+
+
+def test_secrets_stay_out_of_repr_and_errors(s3_target: Target) -> None:
+    options = dict(s3_target.storage_options)
+    writer = CloudStorageWriter("s3://no-such-bucket-here/x", storage_options=options)
+    assert options["secret"] not in repr(writer)
+    with pytest.raises(CheckpointException) as info:
+        dcp.save({"x": torch.ones(1)}, storage_writer=writer)
+    assert options["secret"] not in failure_text(info.value)
