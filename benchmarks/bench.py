@@ -25,6 +25,7 @@ import argparse
 import concurrent.futures
 import datetime
 import gc
+import importlib
 import importlib.metadata
 import json
 import os
@@ -46,6 +47,7 @@ from typing import Any
 
 import psutil
 import torch
+import torch.distributed.checkpoint as dcp
 
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -257,18 +259,6 @@ class WorkerSpec:
     storage_options: dict[str, Any]
 
 
-def _dcp_save(state_dict: dict[str, Any], writer: Any) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save(state_dict, storage_writer=writer)
-
-
-def _dcp_load(state_dict: dict[str, Any], reader: Any) -> None:
-    import torch.distributed.checkpoint as dcp
-
-    dcp.load(state_dict, storage_reader=reader)
-
-
 def _dcp_cloud_writer(spec: WorkerSpec) -> Any:
     from dcp_cloud import CloudStorageWriter
 
@@ -408,6 +398,14 @@ def raw_load(target: memoryview, part_sizes: list[int], spec: WorkerSpec) -> Non
             future.result()
 
 
+def _preimport(contender: str) -> None:
+    """Import the contender's client libraries before timing: a one-off cost per process that
+    some writers pay in their constructor and others inside the first save or load."""
+    modules = {"raw": ["boto3"], "s3torchconnector": ["s3torchconnector.dcp"]}
+    for module in modules.get(contender, ["s3fs"]):
+        importlib.import_module(module)
+
+
 @contextmanager
 def _measured(result: dict[str, Any]) -> Iterator[None]:
     """Time the block and record its peak RSS above the RSS on entry into ``result``."""
@@ -425,6 +423,7 @@ def _measured(result: dict[str, Any]) -> Iterator[None]:
 def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     """Build the data, run one timed save or load, and return its figures (worker side)."""
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    _preimport(spec.contender)
     expected = build_state_dict(spec.size_mib, spec.seed)
     result: dict[str, Any] = {"payload_bytes": tensor_bytes(expected)}
     if spec.contender == "raw":
@@ -447,13 +446,13 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     if spec.op == "save":
         writer = WRITERS[spec.contender](spec)
         with _measured(result):
-            _dcp_save(expected, writer)
+            dcp.save(expected, storage_writer=writer)
         stats = getattr(writer, "last_stats", None)
     else:
         target = zeroed_like(expected)
         reader = READERS[spec.contender](spec)
         with _measured(result):
-            _dcp_load(target, reader)
+            dcp.load(target, storage_reader=reader)
         assert_same(expected, target)
         stats = getattr(reader, "last_stats", None)
     if stats is not None:
