@@ -22,6 +22,7 @@ from torch.futures import Future
 
 from . import layout
 from .buffers import ByteBudget
+from .decode import load_tensor
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -37,35 +38,6 @@ from .store import ObjectStore, open_store
 from .urls import is_supported_url, redact_url
 
 logger = logging.getLogger("dcp_cloud")
-
-
-class _ViewReader(io.RawIOBase):
-    """A seekable read-only stream over a memoryview, so torch.load reads without a copy."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view = view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), len(self._view) - self._pos)
-        memoryview(buffer).cast("B")[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
 
 def _is_rank_zero() -> bool:
@@ -293,9 +265,7 @@ class CloudStorageReader(StorageReader):
                     planner.load_bytes(request, io.BytesIO(item_view))
                 continue
             try:
-                tensor = torch.load(
-                    _ViewReader(item_view), map_location="cpu", weights_only=True
-                )
+                tensor = load_tensor(item_view)
             except Exception as exc:
                 raise CorruptCheckpointError(
                     f"{self.store.url}/{fetch.key}: cannot decode bytes [{item.offset}, "

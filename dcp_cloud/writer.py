@@ -32,6 +32,10 @@ from .upload import ObjectUpload
 logger = logging.getLogger("dcp_cloud")
 
 DCP_METADATA_VERSION = "1.0.0"  # what torch's FileSystemWriter writes; FileSystemReader expects it
+# Items start at multiples of 64 bytes (the gaps are zeros no locator covers), so the tensor
+# records torch.save aligns within an item stay aligned in our read buffers: decoding can alias
+# the fetched bytes instead of copying them.
+ITEM_ALIGNMENT = 64
 
 
 @dataclass(frozen=True)
@@ -261,6 +265,7 @@ class CloudStorageWriter(StorageWriter):
                     key = layout.data_key(prefix.save_id, prefix.file_prefix, object_index)
                     upload = ObjectUpload(self.store, key, pool)
                 data = planner.resolve_data(item)
+                upload.write(bytes(-upload.tell() % ITEM_ALIGNMENT))
                 offset = upload.begin_item()
                 if item.type == WriteItemType.BYTE_IO:
                     upload.write(data.getbuffer())

@@ -187,3 +187,16 @@ def test_checkpointable_tensor_subclass_reshards(target: Target) -> None:
     three = {"t": RowChunked(torch.zeros(10, 6), 3)}
     dcp.load(three, storage_reader=target.reader())
     assert torch.equal(three["t"].as_subclass(torch.Tensor), full)
+
+
+def test_use_collectives_false_writes_rank_local_metadata(target: Target) -> None:
+    state = {"x": torch.arange(6.0), "note": "rank-local"}
+    dcp.save(state, storage_writer=target.writer(), use_collectives=False)
+    from dcp_cloud.store import open_store
+
+    store = open_store(target.url, target.storage_options)
+    keys = {o.key for o in store.run(store.list(""))}
+    assert "__0.metadata" in keys and ".metadata" not in keys
+    out = {"x": torch.zeros(6), "note": ""}
+    dcp.load(out, storage_reader=target.reader())
+    assert torch.equal(out["x"], state["x"]) and out["note"] == "rank-local"

@@ -1,0 +1,155 @@
+"""Decoding a torch.save'd tensor without copying its bytes.
+
+``torch.load`` on a buffer copies every byte into a new storage, and DCP then copies that tensor
+into the destination. Here the zip archive torch.save writes is read in place: the tensor's
+storage is a view of the fetched bytes, so the only copy is the one into the destination. Anything
+unexpected (compressed records, another byte order, objects other than one dense tensor) falls
+back to ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import sys
+import warnings
+import zipfile
+from typing import Any
+
+import torch
+
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_LOCAL_HEADER_MAGIC = 0x04034B50
+# The widest natural alignment of a dtype torch stores (complex128). The writer starts every
+# item at a multiple of 64 bytes, and torch.save aligns records to 64 within an item, so records
+# of fetched ranges are aligned whenever the fetch buffer is (malloc gives 16).
+_ALIGNMENT = 16
+
+
+class _ViewFile(io.RawIOBase):
+    """A seekable read-only file over a memoryview."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        memoryview(buffer).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _Unsupported(Exception):
+    """The archive is not the plain single-tensor layout the fast path handles."""
+
+
+def _rebuild_tensor_v2(
+    storage: torch.TypedStorage,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> torch.Tensor:
+    tensor = torch.empty((0,), dtype=storage.dtype)
+    return tensor.set_(storage._untyped_storage, storage_offset, size, stride)
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles data.pkl of a single tensor, resolving storages to views of the archive."""
+
+    def __init__(self, data: bytes, records: dict[str, memoryview]) -> None:
+        super().__init__(io.BytesIO(data))
+        self._records = records
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor_v2
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage"):
+            storage_type = getattr(torch, name, None)
+            if storage_type is not None and hasattr(storage_type, "dtype"):
+                return storage_type
+        raise _Unsupported(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise _Unsupported("persistent id")
+        typename, storage_type, key, _location, numel = pid
+        if (typename.decode() if isinstance(typename, bytes) else typename) != "storage":
+            raise _Unsupported("persistent id")
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        record = self._records.get(str(key))
+        if record is None or len(record) != nbytes:
+            raise _Unsupported("storage record")
+        if nbytes == 0:
+            return torch.storage.TypedStorage(dtype=dtype, _internal=True)
+        raw = torch.frombuffer(record, dtype=torch.uint8)
+        if raw.data_ptr() % _ALIGNMENT:
+            # Kernels may assume natural alignment (complex128 needs 16 bytes): copy instead.
+            raw = raw.clone()
+        untyped = raw.untyped_storage()
+        return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+
+def _records(view: memoryview) -> tuple[bytes, dict[str, memoryview]]:
+    """data.pkl and the storage records of a torch.save archive, as views into ``view``."""
+    archive = zipfile.ZipFile(_ViewFile(view))
+    pickle_data: bytes | None = None
+    records: dict[str, memoryview] = {}
+    for info in archive.infolist():
+        _, _, name = info.filename.partition("/")
+        if name == "byteorder":
+            if archive.read(info).decode() != sys.byteorder:
+                raise _Unsupported("byte order")
+        elif name == "data.pkl":
+            pickle_data = archive.read(info)
+        elif name.startswith("data/"):
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise _Unsupported("compressed record")
+            header = _LOCAL_HEADER.unpack_from(view, info.header_offset)
+            if header[0] != _LOCAL_HEADER_MAGIC:
+                raise _Unsupported("local header")
+            start = info.header_offset + _LOCAL_HEADER.size + header[9] + header[10]
+            records[name[len("data/") :]] = view[start : start + info.file_size]
+    if pickle_data is None:
+        raise _Unsupported("no data.pkl")
+    return pickle_data, records
+
+
+def load_tensor(view: memoryview) -> torch.Tensor:
+    """The tensor torch.save wrote into ``view``; it aliases ``view`` when possible."""
+    try:
+        pickle_data, records = _records(view)
+        with warnings.catch_warnings():
+            # torch warns about typed storages (which its own pickles name) and about
+            # read-only buffers (we never write through them).
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = _TensorUnpickler(pickle_data, records).load()
+        if isinstance(tensor, torch.Tensor) and type(tensor) is torch.Tensor:
+            return tensor
+    except (_Unsupported, zipfile.BadZipFile, struct.error, pickle.UnpicklingError, ValueError, EOFError):
+        pass
+    return torch.load(_ViewFile(view), map_location="cpu", weights_only=True)
