@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 
@@ -55,3 +56,42 @@ class ByteBudget:
     def release(self, n: int) -> None:
         with self._lock:
             self.used -= n
+
+
+class ReadBuffers:
+    """Fetch buffers for one load, reused by capacity.
+
+    Each buffer is an anonymous memory map: the kernel supplies zeroed pages on first touch, so
+    there is no extra zero-fill pass, and a reused buffer costs no page faults at all. Capacities
+    are rounded up to ``granule`` so ranges of similar size share buffers. Free buffers beyond
+    ``retain`` bytes are dropped.
+    """
+
+    def __init__(self, granule: int, retain: int) -> None:
+        self.granule = granule
+        self.retain = retain
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> tuple[mmap.mmap, memoryview]:
+        """A buffer of at least ``size`` bytes, and a view of exactly ``size`` bytes of it."""
+        capacity = max(self.granule, -(-size // self.granule) * self.granule)
+        with self._lock:
+            free = self._free.get(capacity)
+            if free:
+                buffer = free.pop()
+                self._free_bytes -= capacity
+            else:
+                buffer = None
+        if buffer is None:
+            buffer = mmap.mmap(-1, capacity)
+        return buffer, memoryview(buffer)[:size]
+
+    def put(self, buffer: mmap.mmap) -> None:
+        capacity = len(buffer)
+        with self._lock:
+            if self._free_bytes + capacity > self.retain:
+                return  # let it go; the garbage collector unmaps it
+            self._free.setdefault(capacity, []).append(buffer)
+            self._free_bytes += capacity

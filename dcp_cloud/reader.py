@@ -21,7 +21,7 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.futures import Future
 
 from . import layout
-from .buffers import ByteBudget
+from .buffers import ByteBudget, ReadBuffers
 from .decode import load_tensor
 from .errors import (
     CheckpointNotFoundError,
@@ -161,20 +161,24 @@ class CloudStorageReader(StorageReader):
         ranges = plan_fetches(plan.items, self.storage_data, opts.part_size, opts.coalesce_gap)
         records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
         budget = ByteBudget(opts.memory_budget)
+        buffers = ReadBuffers(granule=opts.part_size, retain=opts.memory_budget)
         waiting = deque(ranges)
-        in_flight: dict[concurrent.futures.Future[Any], FetchRange] = {}
+        in_flight: dict[concurrent.futures.Future[Any], tuple[FetchRange, Any]] = {}
         try:
             while waiting or in_flight:
                 while waiting and budget.try_acquire(waiting[0].size):
                     fetch = waiting.popleft()
-                    in_flight[store.submit(self._fetch(fetch))] = fetch
+                    buffer, view = buffers.get(fetch.size)
+                    in_flight[store.submit(self._fetch(fetch, view))] = (fetch, buffer)
                 done, _ = concurrent.futures.wait(
                     in_flight, return_when=concurrent.futures.FIRST_COMPLETED
                 )
                 for future in done:
-                    fetch = in_flight.pop(future)
+                    fetch, buffer = in_flight.pop(future)
                     data = self._fetched(fetch, future)
                     self._decode(fetch, data, planner, records)
+                    del data
+                    buffers.put(buffer)
                     budget.release(fetch.size)
         except BaseException:
             for future in in_flight:
@@ -192,49 +196,43 @@ class CloudStorageReader(StorageReader):
 
     # -- fetching ------------------------------------------------------------------------------
 
-    async def _fetch(self, fetch: FetchRange) -> bytes | bytearray:
+    async def _fetch(self, fetch: FetchRange, out: memoryview) -> memoryview:
+        """Fill ``out`` with the range, in concurrent pieces of at most ``part_size`` bytes."""
         store = self.store
-        piece = self.options.part_size
-        if fetch.size <= piece:
-            return await store.get_range(fetch.key, fetch.start, fetch.end)
-        buffer = bytearray(fetch.size)
 
-        async def one(start: int, end: int) -> None:
-            data = await store.get_range(fetch.key, start, end)
-            if len(data) != end - start:
-                raise _ShortRead(len(data), end - start)
-            buffer[start - fetch.start : end - fetch.start] = data
+        async def piece(start: int, end: int) -> None:
+            got = await store.read_into(fetch.key, start, out[start - fetch.start : end - fetch.start])
+            if got != end - start:
+                raise _ShortRead(start - fetch.start + got, fetch.size)
 
-        await asyncio.gather(*(one(a, b) for a, b in split_range(fetch.start, fetch.end, piece)))
-        return buffer
+        pieces = split_range(fetch.start, fetch.end, self.options.part_size)
+        await asyncio.gather(*(piece(a, b) for a, b in pieces))
+        return out
 
-    def _fetched(self, fetch: FetchRange, future: concurrent.futures.Future[Any]) -> Any:
+    def _fetched(self, fetch: FetchRange, future: concurrent.futures.Future[Any]) -> memoryview:
+        """The fetched bytes, or the error that names the object and the tensors it held."""
         where = f"{self.store.url}/{fetch.key}"
-        names = _names(fetch.items)
         try:
-            data = future.result()
+            return future.result()
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(
-                f"{where} is missing, but .metadata references it (tensors {names}). The "
+                f"{where} is missing, but .metadata references it (tensors {_names(fetch.items)}). The "
                 "checkpoint is damaged, or was overwritten while loading; load it again or "
                 "load an earlier checkpoint."
             ) from exc
         except _ShortRead as exc:
-            raise self._truncated(where, names, exc.got, exc.wanted) from None
+            raise self._truncated(where, fetch, exc.got) from None
         except DcpCloudError:
             raise
         except OSError as exc:
             if "range" in str(exc).lower():  # HTTP 416: the range starts past the object's end
-                raise self._truncated(where, names, 0, fetch.size) from exc
+                raise self._truncated(where, fetch, 0) from exc
             raise
-        if len(data) != fetch.size:
-            raise self._truncated(where, names, len(data), fetch.size)
-        return data
 
     @staticmethod
-    def _truncated(where: str, names: str, got: int, wanted: int) -> CorruptCheckpointError:
+    def _truncated(where: str, fetch: FetchRange, got: int) -> CorruptCheckpointError:
         return CorruptCheckpointError(
-            f"{where} is truncated: read {got} of {wanted} bytes for tensors {names}. "
+            f"{where} is truncated: read {got} of {fetch.size} bytes for tensors {_names(fetch.items)}. "
             "The checkpoint is damaged; load an earlier one."
         )
 
@@ -243,14 +241,13 @@ class CloudStorageReader(StorageReader):
     def _decode(
         self,
         fetch: FetchRange,
-        data: bytes | bytearray,
+        data: memoryview,
         planner: LoadPlanner,
         records: dict[tuple[str, int], ItemRecord],
     ) -> None:
-        view = memoryview(data)
         for item in fetch.items:
             start = item.offset - fetch.start
-            item_view = view[start : start + item.length]
+            item_view = data[start : start + item.length]
             record = records.get((fetch.key, item.offset))
             if record is not None and crc32c.crc32c(item_view) != record.crc32c:
                 raise CorruptCheckpointError(

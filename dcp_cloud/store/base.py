@@ -100,6 +100,13 @@ class ObjectStore(abc.ABC):
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         """Read bytes ``[start, end)`` of an object."""
 
+    async def read_into(self, key: str, start: int, out: memoryview) -> int:
+        """Read bytes ``[start, start + len(out))`` of an object into ``out``; returns the count
+        read (less than ``len(out)`` only when the object ends first)."""
+        data = await self.get_range(key, start, start + len(out))
+        out[: len(data)] = data
+        return len(data)
+
     @abc.abstractmethod
     async def exists(self, key: str) -> bool:
         """Whether an object exists."""

@@ -79,6 +79,21 @@ class LocalStore(ObjectStore):
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         return await self._call("get_range", key, self._read, self.path(key), start, end)
 
+    @staticmethod
+    def _read_into(path: str, start: int, out: memoryview) -> int:
+        total = 0
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            while total < len(out):
+                n = os.preadv(fd, [out[total:]], start + total)
+                if n == 0:
+                    break
+                total += n
+        return total
+
+    async def read_into(self, key: str, start: int, out: memoryview) -> int:
+        return await self._call("get_range", key, self._read_into, self.path(key), start, out)
+
     async def exists(self, key: str) -> bool:
         return await self._call("head", key, os.path.isfile, self.path(key))
 

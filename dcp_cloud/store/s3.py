@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from s3fs.core import _error_wrapper
+
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo
 from .fsspec_store import FsspecStore
@@ -106,6 +108,31 @@ class S3Store(FsspecStore):
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         return await self._read("get_range", key, Range=f"bytes={start}-{end - 1}")
+
+    async def read_into(self, key: str, start: int, out: memoryview) -> int:
+        async def attempt() -> int:
+            response = await self._s3(
+                "get_range",
+                key,
+                "get_object",
+                Bucket=self.bucket,
+                Key=self.s3_key(key),
+                Range=f"bytes={start}-{start + len(out) - 1}",
+            )
+            body = response["Body"]
+            total = 0
+            try:
+                while total < len(out):
+                    n = await body.readinto(out[total:])
+                    if n == 0:
+                        break
+                    total += n
+            finally:
+                body.close()
+            return total
+
+        # s3fs's wrapper retries a body cut off mid-stream (IncompleteRead, payload errors).
+        return await _error_wrapper(attempt, retries=self.fs.retries)
 
     async def exists(self, key: str) -> bool:
         try:
