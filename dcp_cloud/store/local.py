@@ -134,13 +134,16 @@ class LocalStore(ObjectStore):
         fd, tmp = await self._call("start_upload", key, self._open_temp, self.path(key))
         return MultipartUpload(key, (fd, tmp))
 
-    @staticmethod
-    def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    def _pwrite_all(self, fd: int, data: bytes | bytearray, offset: int) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(fd, view, offset)
             view = view[written:]
             offset += written
+        if self.fsync:
+            # Flush as parts land, in this I/O thread, so the fsync at completion finds little
+            # left to write instead of the whole object.
+            os.fdatasync(fd)
 
     async def upload_part(
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray
