@@ -20,6 +20,7 @@ from .errors import (
     UnsafeCheckpointError,
     UploadError,
 )
+from .layout import HashPrefix, ReversedRankPrefix
 from .reader import CloudStorageReader
 from .stats import TransferStats
 from .writer import CloudStorageWriter
@@ -32,7 +33,9 @@ __all__ = [
     "CloudStorageWriter",
     "CorruptCheckpointError",
     "DcpCloudError",
+    "HashPrefix",
     "IncompleteCheckpointError",
+    "ReversedRankPrefix",
     "StoreAccessError",
     "StoreConfigError",
     "TransferStats",

@@ -14,8 +14,10 @@ committed ``.metadata`` points to. Keys are POSIX and relative, exactly what tor
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
+from collections.abc import Callable
 
 METADATA_KEY = ".metadata"
 MANIFEST_NAME = "manifest.json"
@@ -57,3 +59,50 @@ def join(root: str, key: str) -> str:
     if not root:
         return key
     return f"{root.rstrip('/')}/{key}"
+
+
+class HashPrefix:
+    """Spreads ranks' data objects over ``16 ** width`` key prefixes by a hash of the rank.
+
+    S3 scales request rates per key prefix; thousands of ranks writing under one prefix can
+    draw ``503 SlowDown`` until S3 repartitions. ``HashPrefix(2)`` puts rank r's objects under
+    ``<save_id>/<2 hex digits>/__r_0.distcp``.
+    """
+
+    def __init__(self, width: int = 2) -> None:
+        if not 1 <= width <= 8:
+            raise ValueError(f"HashPrefix width must be 1..8 hex digits, got {width}")
+        self.width = width
+
+    def __call__(self, rank: int) -> str:
+        digest = hashlib.blake2b(str(rank).encode(), digest_size=4).hexdigest()
+        return digest[: self.width] + "/"
+
+    def __repr__(self) -> str:
+        return f"HashPrefix({self.width})"
+
+
+class ReversedRankPrefix:
+    """Puts rank r's objects under its zero-padded rank number reversed (rank 12 -> ``2100/``):
+    the fastest-changing digit comes first, so consecutive ranks land on different prefixes."""
+
+    def __init__(self, digits: int = 4) -> None:
+        if not 1 <= digits <= 12:
+            raise ValueError(f"ReversedRankPrefix digits must be 1..12, got {digits}")
+        self.digits = digits
+
+    def __call__(self, rank: int) -> str:
+        return f"{rank:0{self.digits}d}"[::-1] + "/"
+
+    def __repr__(self) -> str:
+        return f"ReversedRankPrefix({self.digits})"
+
+
+def rank_file_prefix(rank: int, strategy: Callable[[int], str] | None = None) -> str:
+    """The part of a data key between the save id and the object's index, for one rank."""
+    spread = strategy(rank) if strategy is not None else ""
+    if spread and (spread.startswith("/") or ".." in spread.split("/")):
+        raise ValueError(f"key prefix {spread!r} for rank {rank} must be a relative key")
+    if spread and not spread.endswith("/"):
+        spread += "/"
+    return f"{spread}__{rank}_"

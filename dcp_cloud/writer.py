@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,10 @@ class CloudStorageWriter(StorageWriter):
         overwrite: when False, saving where a checkpoint is already committed raises
             :class:`CheckpointExistsError` (checked before uploading, and enforced at the
             commit by a conditional PUT where the store supports one).
+        key_prefix: spreads ranks' data objects over key prefixes, against S3 throttling at
+            high request rates: a callable ``rank -> "prefix/"``, such as
+            :class:`dcp_cloud.HashPrefix` or :class:`dcp_cloud.ReversedRankPrefix`. Only the
+            coordinator's is used. Default: all ranks under ``<save_id>/``.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class CloudStorageWriter(StorageWriter):
         max_concurrency: int = TransferOptions.max_concurrency,
         memory_budget: int = TransferOptions.memory_budget,
         overwrite: bool = True,
+        key_prefix: Callable[[int], str] | None = None,
     ) -> None:
         super().__init__()
         self.url = os.fspath(url)
@@ -107,6 +113,7 @@ class CloudStorageWriter(StorageWriter):
             part_size=part_size, max_concurrency=max_concurrency, memory_budget=memory_budget
         )
         self.overwrite = overwrite
+        self.key_prefix = key_prefix
         self.rank = 0
         self.is_coordinator = True
         self.use_collectives = True
@@ -167,9 +174,8 @@ class CloudStorageWriter(StorageWriter):
         out = []
         for index, plan in enumerate(plans):
             rank = index if self.use_collectives else self.rank
-            out.append(
-                dataclasses.replace(plan, storage_data=_SavePrefix(self.save_id, f"__{rank}_"))
-            )
+            file_prefix = layout.rank_file_prefix(rank, self.key_prefix)
+            out.append(dataclasses.replace(plan, storage_data=_SavePrefix(self.save_id, file_prefix)))
         return out
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:

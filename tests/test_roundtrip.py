@@ -200,3 +200,29 @@ def test_use_collectives_false_writes_rank_local_metadata(target: Target) -> Non
     out = {"x": torch.zeros(6), "note": ""}
     dcp.load(out, storage_reader=target.reader())
     assert torch.equal(out["x"], state["x"]) and out["note"] == "rank-local"
+
+
+@pytest.mark.parametrize("strategy", ["hash", "reversed"])
+def test_key_prefix_strategies_spread_data_objects(target: Target, strategy: str) -> None:
+    from dcp_cloud import HashPrefix, ReversedRankPrefix
+    from dcp_cloud.store import open_store
+
+    prefix = HashPrefix(2) if strategy == "hash" else ReversedRankPrefix(4)
+    state = {"w": torch.randn(100), "step": 5}
+    dcp.save(state, storage_writer=target.writer(key_prefix=prefix))
+    store = open_store(target.url, target.storage_options)
+    data = [o.key for o in store.run(store.list("")) if o.key.endswith(".distcp")]
+    assert len(data) == 1
+    assert data[0].split("/")[1] == prefix(0).rstrip("/") and data[0].endswith("/__0_0.distcp")
+    out = {"w": torch.zeros(100), "step": 0}
+    dcp.load(out, storage_reader=target.reader())
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 5
+
+
+def test_prefix_strategies_are_deterministic_and_spread() -> None:
+    from dcp_cloud import HashPrefix, ReversedRankPrefix
+
+    assert ReversedRankPrefix(4)(12) == "2100/" and ReversedRankPrefix(4)(3) == "3000/"
+    hashed = {HashPrefix(2)(rank) for rank in range(1024)}
+    assert len(hashed) > 200  # 256 possible prefixes, well spread
+    assert HashPrefix(2)(7) == HashPrefix(2)(7)
