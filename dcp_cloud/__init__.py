@@ -1,10 +1,10 @@
 """dcp_cloud: PyTorch Distributed Checkpoint (DCP) straight to object stores.
 
-    import torch.distributed.checkpoint as dcp
-    from dcp_cloud import CloudStorageWriter, CloudStorageReader
+import torch.distributed.checkpoint as dcp
+from dcp_cloud import CloudStorageWriter, CloudStorageReader
 
-    dcp.save(state_dict, storage_writer=CloudStorageWriter("s3://bucket/run1/step-1000"))
-    dcp.load(state_dict, storage_reader=CloudStorageReader("s3://bucket/run1/step-1000"))
+dcp.save(state_dict, storage_writer=CloudStorageWriter("s3://bucket/run1/step-1000"))
+dcp.load(state_dict, storage_reader=CloudStorageReader("s3://bucket/run1/step-1000"))
 """
 
 from ._version import __version__

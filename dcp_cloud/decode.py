@@ -15,7 +15,7 @@ import struct
 import sys
 import warnings
 import zipfile
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -152,4 +152,4 @@ def load_tensor(view: memoryview) -> torch.Tensor:
             return tensor
     except (_Unsupported, zipfile.BadZipFile, struct.error, pickle.UnpicklingError, ValueError, EOFError):
         pass
-    return torch.load(_ViewFile(view), map_location="cpu", weights_only=True)
+    return torch.load(cast(IO[bytes], _ViewFile(view)), map_location="cpu", weights_only=True)

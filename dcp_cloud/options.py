@@ -22,12 +22,15 @@ class TransferOptions:
             whole checkpoint is never buffered. At least ``2 * part_size``.
         coalesce_gap: on load, byte ranges of one object closer than this are fetched
             with one request (the gap is read and discarded).
+        max_attempts: tries per request, retries included, for throttling (503 SlowDown),
+            5xx answers, timeouts and broken connections, with jittered exponential backoff.
     """
 
     part_size: int = 16 * MiB
     max_concurrency: int = 16
     memory_budget: int = 256 * MiB
     coalesce_gap: int = 1 * MiB
+    max_attempts: int = 10
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
@@ -42,6 +45,8 @@ class TransferOptions:
                 f"memory_budget={self.memory_budget} must hold at least two parts "
                 f"(2 * part_size = {2 * self.part_size}); raise it or lower part_size"
             )
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.coalesce_gap < 0:
             raise ValueError(f"coalesce_gap must be >= 0, got {self.coalesce_gap}")
 

@@ -11,17 +11,17 @@ from collections import deque
 from typing import Any
 
 import crc32c
-import torch
 import torch.distributed as dist
 from fsspec import AbstractFileSystem
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.futures import Future
 
 from . import layout
 from .buffers import ByteBudget, ReadBuffers
+from .connection import StoreConnection
 from .decode import load_tensor
 from .errors import (
     CheckpointNotFoundError,
@@ -34,8 +34,7 @@ from .manifest import ItemRecord, Manifest
 from .options import TransferOptions
 from .safe_pickle import load_metadata
 from .stats import StatsRecorder, TransferStats
-from .store import ObjectStore, open_store
-from .urls import is_supported_url, redact_url
+from .urls import redact_url
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -44,7 +43,7 @@ def _is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class CloudStorageReader(StorageReader):
+class CloudStorageReader(StoreConnection, StorageReader):
     """Loads DCP checkpoints from an object store (S3, GCS, Azure) or any fsspec filesystem.
 
     Reads only the byte ranges the load plan needs, merges neighbouring ranges, fetches them
@@ -76,56 +75,33 @@ class CloudStorageReader(StorageReader):
         max_concurrency: int = TransferOptions.max_concurrency,
         memory_budget: int = TransferOptions.memory_budget,
         coalesce_gap: int = TransferOptions.coalesce_gap,
+        max_attempts: int = TransferOptions.max_attempts,
         verify_checksums: bool = True,
     ) -> None:
-        super().__init__()
-        self.url = os.fspath(url)
-        self.storage_options = dict(storage_options or {})
-        self.filesystem = filesystem
-        self.options = TransferOptions(
+        options = TransferOptions(
             part_size=part_size,
             max_concurrency=max_concurrency,
             memory_budget=memory_budget,
             coalesce_gap=coalesce_gap,
+            max_attempts=max_attempts,
         )
+        StoreConnection.__init__(self, url, storage_options, filesystem, options)
         self.verify_checksums = verify_checksums
         self.rank = 0
         self.is_coordinator = True
         self.last_stats: TransferStats | None = None
         self.storage_data: dict[Any, Any] = {}
         self._manifest: Manifest | None = None
-        self._store: ObjectStore | None = None
 
     def __repr__(self) -> str:
         return f"CloudStorageReader({redact_url(self.url)!r})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_store"] = None
-        return state
-
-    @property
-    def store(self) -> ObjectStore:
-        if self._store is None:
-            self._store = open_store(
-                self.url, self.storage_options, self.filesystem, self.options.max_concurrency
-            )
-        return self._store
-
     # -- StorageReader -------------------------------------------------------------------------
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id:
-            new_url = os.fspath(checkpoint_id)
-            if new_url != self.url:
-                self.url = new_url
-                self._store = None
+        self._set_url(checkpoint_id)
         self.storage_data = {}
         self._manifest = None
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return is_supported_url(os.fspath(checkpoint_id))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
@@ -170,9 +146,7 @@ class CloudStorageReader(StorageReader):
                     fetch = waiting.popleft()
                     buffer, view = buffers.get(fetch.size)
                     in_flight[store.submit(self._fetch(fetch, view))] = (fetch, buffer)
-                done, _ = concurrent.futures.wait(
-                    in_flight, return_when=concurrent.futures.FIRST_COMPLETED
-                )
+                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
                     fetch, buffer = in_flight.pop(future)
                     data = self._fetched(fetch, future)
@@ -190,9 +164,9 @@ class CloudStorageReader(StorageReader):
         stats.items = len(plan.items)
         self.last_stats = recorder.finish()
         logger.info("%s (rank %d)", self.last_stats.summary(), self.rank)
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
+        completed: Future[None] = Future()
+        completed.set_result(None)
+        return completed
 
     # -- fetching ------------------------------------------------------------------------------
 
@@ -306,7 +280,7 @@ class CloudStorageReader(StorageReader):
                 f"{store.url}: no {key} either (rank-local metadata of use_collectives=False)"
             )
         if _is_rank_zero():
-            objects = store.run(store.list(""))
+            objects = store.run(store.list_objects(""))
             data = [o.key for o in objects if o.key.endswith(layout.DATA_SUFFIX)]
             if data:
                 return IncompleteCheckpointError(

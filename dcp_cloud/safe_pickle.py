@@ -32,7 +32,9 @@ _ALLOWED: dict[str, frozenset[str]] = {
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo", "_StoragePrefix"}),
     "torch.serialization": frozenset({"_get_layout"}),
     "torch._utils": frozenset({"_get_layout"}),
-    "pathlib": frozenset({"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "PurePath"}),
+    "pathlib": frozenset(
+        {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "PurePath"}
+    ),
     "collections": frozenset({"OrderedDict"}),
     "builtins": frozenset({"set", "frozenset", "slice", "complex"}),
 }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 from fsspec import AbstractFileSystem
@@ -21,14 +22,14 @@ from torch.futures import Future
 from . import layout
 from ._version import __version__
 from .buffers import BufferPool
+from .connection import StoreConnection
 from .errors import CheckpointExistsError, DcpCloudError
 from .manifest import ItemRecord, Manifest
 from .options import TransferOptions
 from .safe_pickle import load_metadata
 from .stats import StatsRecorder, TransferStats
-from .store import ObjectStore, open_store
-from .urls import is_supported_url, redact_url
 from .upload import ObjectUpload
+from .urls import redact_url
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -65,7 +66,7 @@ def _cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class CloudStorageWriter(StorageWriter):
+class CloudStorageWriter(StoreConnection, StorageWriter):
     """Saves DCP checkpoints to an object store (S3, GCS, Azure) or any fsspec filesystem.
 
     Each rank packs its items into data objects under a save-unique key, sending large objects
@@ -102,16 +103,17 @@ class CloudStorageWriter(StorageWriter):
         part_size: int = TransferOptions.part_size,
         max_concurrency: int = TransferOptions.max_concurrency,
         memory_budget: int = TransferOptions.memory_budget,
+        max_attempts: int = TransferOptions.max_attempts,
         overwrite: bool = True,
         key_prefix: Callable[[int], str] | None = None,
     ) -> None:
-        super().__init__()
-        self.url = os.fspath(url)
-        self.storage_options = dict(storage_options or {})
-        self.filesystem = filesystem
-        self.options = TransferOptions(
-            part_size=part_size, max_concurrency=max_concurrency, memory_budget=memory_budget
+        options = TransferOptions(
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+            memory_budget=memory_budget,
+            max_attempts=max_attempts,
         )
+        StoreConnection.__init__(self, url, storage_options, filesystem, options)
         self.overwrite = overwrite
         self.key_prefix = key_prefix
         self.rank = 0
@@ -119,7 +121,6 @@ class CloudStorageWriter(StorageWriter):
         self.use_collectives = True
         self.save_id = layout.new_save_id()
         self.last_stats: TransferStats | None = None
-        self._store: ObjectStore | None = None
         self._recorder: StatsRecorder | None = None
         self._active: _SavePrefix | None = None
 
@@ -127,33 +128,15 @@ class CloudStorageWriter(StorageWriter):
         return f"CloudStorageWriter({redact_url(self.url)!r}, overwrite={self.overwrite})"
 
     def __getstate__(self) -> dict[str, Any]:
-        # Picklable for async_save's PROCESS mode: the child opens its own connections.
-        state = self.__dict__.copy()
-        state["_store"] = None
+        state = super().__getstate__()
         state["_recorder"] = None
         return state
-
-    @property
-    def store(self) -> ObjectStore:
-        if self._store is None:
-            self._store = open_store(
-                self.url, self.storage_options, self.filesystem, self.options.max_concurrency
-            )
-        return self._store
 
     # -- StorageWriter -------------------------------------------------------------------------
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
-        if checkpoint_id:
-            new_url = os.fspath(checkpoint_id)
-            if new_url != self.url:
-                self.url = new_url
-                self._store = None
+        self._set_url(checkpoint_id)
         self.save_id = layout.new_save_id()
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return is_supported_url(os.fspath(checkpoint_id))
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=redact_url(self.url), save_id=self.save_id)
@@ -222,9 +205,7 @@ class CloudStorageWriter(StorageWriter):
                     )
         metadata.version = DCP_METADATA_VERSION
         metadata.storage_data = storage_data
-        metadata.storage_meta = StorageMeta(
-            checkpoint_id=redact_url(self.url), save_id=prefix.save_id
-        )
+        metadata.storage_meta = StorageMeta(checkpoint_id=redact_url(self.url), save_id=prefix.save_id)
         key = layout.metadata_key(None if self.use_collectives else self.rank)
 
         previous = self._read_committed(key)
@@ -274,9 +255,9 @@ class CloudStorageWriter(StorageWriter):
                 upload.write(bytes(-upload.tell() % ITEM_ALIGNMENT))
                 offset = upload.begin_item()
                 if item.type == WriteItemType.BYTE_IO:
-                    upload.write(data.getbuffer())
+                    upload.write(cast(io.BytesIO, data).getbuffer())
                 else:
-                    torch.save(_cpu_tensor(data), upload)
+                    torch.save(_cpu_tensor(cast(torch.Tensor, data)), cast(IO[bytes], upload))
                 length = upload.tell() - offset
                 info = _StorageInfo(relative_path=key, offset=offset, length=length)
                 results.append(
@@ -319,9 +300,7 @@ class CloudStorageWriter(StorageWriter):
     def _delete_replaced(self, previous: Metadata, current: Metadata) -> None:
         """Delete the replaced save's objects; failures only leave debris for gc."""
         keep = {info.relative_path for info in (current.storage_data or {}).values()}
-        old_keys = {
-            getattr(info, "relative_path", None) for info in (previous.storage_data or {}).values()
-        }
+        old_keys = {getattr(info, "relative_path", None) for info in (previous.storage_data or {}).values()}
         doomed = sorted(k for k in old_keys if isinstance(k, str) and k not in keep)
         old_save_id = getattr(previous.storage_meta, "save_id", None)
         if old_save_id and any(layout.save_id_of_key(k) == old_save_id for k in doomed):

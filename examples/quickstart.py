@@ -28,7 +28,9 @@ def build_model() -> nn.Module:
     """A small transformer language model (about 20M parameters)."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=512, nhead=8, dim_feedforward=2048, batch_first=True)
-    return nn.Sequential(nn.Embedding(8000, 512), nn.TransformerEncoder(layer, num_layers=4), nn.Linear(512, 8000))
+    return nn.Sequential(
+        nn.Embedding(8000, 512), nn.TransformerEncoder(layer, num_layers=4), nn.Linear(512, 8000)
+    )
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
@@ -42,7 +44,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", help="checkpoint URL (default: a local S3 server started here)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -76,7 +80,9 @@ def main() -> None:
         fresh.load_state_dict(target["model"])
         fresh_optim.load_state_dict(target["optim"])
 
-        same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+        same = all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values())
+        )
         if not same or target["step"] != 1:
             raise SystemExit("loaded checkpoint differs from the saved one")
         print(f"saved and loaded {url}: model and optimizer identical, step {target['step']}")

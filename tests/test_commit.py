@@ -34,7 +34,8 @@ def _ckpt_requests(target: Target) -> list:
     """Requests on the checkpoint's keys, plus batch deletes (sent to the bucket itself)."""
     path = "/" + target.url.removeprefix("s3://")
     return [
-        r for r in target.server.requests()
+        r
+        for r in target.server.requests()
         if r.path.startswith(path) or (r.kind == "delete_objects" and r.path.strip("/") == BUCKET)
     ]
 
@@ -55,19 +56,21 @@ def test_metadata_put_is_the_last_write_of_a_save(s3_target: Target) -> None:
 def test_overwrite_keeps_old_loadable_until_commit_then_deletes_it(s3_target: Target) -> None:
     dcp.save(_state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
     store = open_store(s3_target.url, s3_target.storage_options)
-    old_keys = {o.key for o in store.run(store.list(""))}
+    old_keys = {o.key for o in store.run(store.list_objects(""))}
     s3_target.server.clear_requests()
 
     dcp.save(_state(2.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
     requests = _ckpt_requests(s3_target)
-    commit = max(i for i, r in enumerate(requests) if r.kind == "put_object" and r.path.endswith("/.metadata"))
+    commit = max(
+        i for i, r in enumerate(requests) if r.kind == "put_object" and r.path.endswith("/.metadata")
+    )
     # no request before the commit touched the old save's objects
     old_data = {k for k in old_keys if k != ".metadata"}
     for r in requests[:commit]:
         assert not any(r.path.endswith("/" + k) for k in old_data if r.kind != "get_object"), r
     # the old save's objects are deleted after the commit
     assert any(r.kind == "delete_objects" for r in requests[commit + 1 :])
-    new_keys = {o.key for o in store.run(store.list(""))}
+    new_keys = {o.key for o in store.run(store.list_objects(""))}
     assert not (old_data & new_keys), "old data objects were not cleaned up"
     assert _load(s3_target)["tag"] == 2.0
 
@@ -77,7 +80,9 @@ def test_overwrite_false_refuses_an_existing_checkpoint(target: Target) -> None:
     with pytest.raises(CheckpointException) as info:
         dcp.save(_state(2.0), storage_writer=target.writer(overwrite=False))
     assert CheckpointExistsError in failure_types(info.value)
-    assert "overwrite=False" in failure_text(info.value) and target.url.split("/")[-2] in failure_text(info.value)
+    assert "overwrite=False" in failure_text(info.value) and target.url.split("/")[-2] in failure_text(
+        info.value
+    )
     out = _load(target)
     assert out["tag"] == 1.0 and torch.equal(out["small"], torch.full((10,), 1.0))
 
@@ -88,7 +93,9 @@ def test_overwrite_false_saves_where_nothing_is_committed(target: Target) -> Non
 
 
 @pytest.mark.parametrize("store_kind", ["s3", "file"])
-def test_conditional_put_is_enforced_by_the_store(store_kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> None:
+def test_conditional_put_is_enforced_by_the_store(
+    store_kind: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
     from .conftest import make_target
 
     target = make_target(store_kind, request, tmp_path)
@@ -111,7 +118,9 @@ class FailingPlanner(DefaultSavePlanner):
 def test_an_item_that_fails_fails_the_save_and_keeps_the_old(target: Target) -> None:
     dcp.save(_state(1.0), storage_writer=target.writer())
     with pytest.raises(CheckpointException) as info:
-        dcp.save(_state(2.0), storage_writer=target.writer(part_size=5 * 1024 * 1024), planner=FailingPlanner())
+        dcp.save(
+            _state(2.0), storage_writer=target.writer(part_size=5 * 1024 * 1024), planner=FailingPlanner()
+        )
     assert "injected failure" in failure_text(info.value)
     assert _load(target)["tag"] == 1.0
 
@@ -135,7 +144,9 @@ def test_a_part_that_fails_to_upload_aborts_the_multipart_upload(
     assert "part 2" in failure_text(info.value)
     kinds = [r.kind for r in _ckpt_requests(s3_target)]
     assert "abort_multipart_upload" in kinds and "complete_multipart_upload" not in kinds
-    assert not any(r.path.endswith("/.metadata") and r.kind == "put_object" for r in _ckpt_requests(s3_target))
+    assert not any(
+        r.path.endswith("/.metadata") and r.kind == "put_object" for r in _ckpt_requests(s3_target)
+    )
     uploads = s3_target.server.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
     prefix = s3_target.url.removeprefix(f"s3://{BUCKET}/")
     assert not [u for u in uploads if u["Key"].startswith(prefix)], "a multipart upload was left open"

@@ -51,7 +51,8 @@ def test_missing_backend_names_the_extra_to_install() -> None:
     if missing is None:
         # every cloud backend is installed here: use a known scheme whose backend is not
         missing = next(
-            s for s, impl in fsspec.registry.known_implementations.items()
+            s
+            for s, impl in fsspec.registry.known_implementations.items()
             if importlib.util.find_spec(impl["class"].split(".")[0]) is None and "err" in impl
         )
         expected = "backend is not installed"
@@ -94,7 +95,9 @@ def test_corrupt_metadata(target: Target, damage: str) -> None:
     _save(target)
     store = open_store(target.url, target.storage_options)
     good = store.run(store.get(".metadata"))
-    bad = {"garbage": b"\x80\x04not a pickle at all", "truncated": good[: len(good) // 2], "empty": b""}[damage]
+    bad = {"garbage": b"\x80\x04not a pickle at all", "truncated": good[: len(good) // 2], "empty": b""}[
+        damage
+    ]
     store.run(store.put(".metadata", bad))
     with pytest.raises(CheckpointException) as info:
         dcp.load(_target_state(), storage_reader=target.reader())
@@ -121,7 +124,7 @@ def test_malicious_metadata_pickle_is_refused_and_not_run(target: Target, tmp_pa
 def test_flipped_byte_in_data_names_object_and_tensor(target: Target) -> None:
     _save(target)
     store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list("")) if o.key.endswith(".distcp"))
+    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
     data = bytearray(store.run(store.get(key)))
     data[len(data) // 2] ^= 0xFF
     store.run(store.put(key, bytes(data)))
@@ -134,7 +137,7 @@ def test_flipped_byte_in_data_names_object_and_tensor(target: Target) -> None:
 def test_flipped_byte_loads_when_verification_is_off(target: Target) -> None:
     state = _save(target)
     store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list("")) if o.key.endswith(".distcp"))
+    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
     data = bytearray(store.run(store.get(key)))
     data[len(data) // 2] ^= 0x01  # inside the payload of "w", the largest item
     store.run(store.put(key, bytes(data)))
@@ -146,7 +149,7 @@ def test_flipped_byte_loads_when_verification_is_off(target: Target) -> None:
 def test_truncated_data_object(target: Target) -> None:
     _save(target)
     store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list("")) if o.key.endswith(".distcp"))
+    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
     data = store.run(store.get(key))
     store.run(store.put(key, data[: len(data) - 100]))
     with pytest.raises(CheckpointException) as info:
@@ -158,7 +161,7 @@ def test_truncated_data_object(target: Target) -> None:
 def test_missing_data_object(target: Target) -> None:
     _save(target)
     store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list("")) if o.key.endswith(".distcp"))
+    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
     store.run(store.delete([key]))
     with pytest.raises(CheckpointException) as info:
         dcp.load(_target_state(), storage_reader=target.reader())

@@ -31,7 +31,7 @@ def _download(s3_target: Target, dest: Path) -> None:
     prefix = s3_target.url.removeprefix(f"s3://{BUCKET}/") + "/"
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
     for key in keys:
-        path = dest / key[len(prefix):]
+        path = dest / key[len(prefix) :]
         path.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(BUCKET, key, str(path))
 
@@ -76,7 +76,9 @@ def test_downloaded_checkpoint_loads_with_stock_filesystem_reader(s3_target: Tar
     assert "LOADED-BY-TORCH" in result.stdout
 
 
-def test_filesystem_writer_checkpoint_uploaded_loads_with_our_reader(s3_target: Target, tmp_path: Path) -> None:
+def test_filesystem_writer_checkpoint_uploaded_loads_with_our_reader(
+    s3_target: Target, tmp_path: Path
+) -> None:
     state = _state()
     dcp.save(state, storage_writer=FileSystemWriter(str(tmp_path / "fs"), thread_count=2))
     _upload(s3_target, tmp_path / "fs")
@@ -111,7 +113,9 @@ def test_local_checkpoint_is_a_plain_dcp_folder(tmp_path: Path) -> None:
 
     state = _state()
     dcp.save(state, storage_writer=CloudStorageWriter(str(tmp_path / "ck")))
-    names = sorted(p.relative_to(tmp_path / "ck").as_posix() for p in (tmp_path / "ck").rglob("*") if p.is_file())
+    names = sorted(
+        p.relative_to(tmp_path / "ck").as_posix() for p in (tmp_path / "ck").rglob("*") if p.is_file()
+    )
     assert names[0] == ".metadata" and any(n.endswith("/__0_0.distcp") for n in names)
     assert not any(".tmp" in n for n in names), names
     out = {

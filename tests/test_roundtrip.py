@@ -15,9 +15,18 @@ from .conftest import Target
 from .helpers import assert_same, failure_text, zeros_like_state
 
 ALL_DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16,
-    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
-    torch.complex64, torch.complex128,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
 ]
 ALL_DTYPES += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
 ALL_DTYPES += [getattr(torch, n) for n in ("uint16", "uint32") if hasattr(torch, n)]
@@ -25,7 +34,13 @@ ALL_DTYPES += [getattr(torch, n) for n in ("uint16", "uint32") if hasattr(torch,
 
 def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size(),), generator=g, dtype=torch.uint8)
+    raw = torch.randint(
+        0,
+        256,
+        (int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size(),),
+        generator=g,
+        dtype=torch.uint8,
+    )
     if dtype == torch.bool:
         return (raw % 2).bool().reshape(shape)
     if dtype.is_floating_point and dtype.itemsize >= 2:
@@ -36,7 +51,9 @@ def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tens
 
 def everything() -> dict[str, Any]:
     base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
-    state: dict[str, Any] = {f"dtype.{str(d).split('.')[-1]}": _tensor(d, (3, 5), i) for i, d in enumerate(ALL_DTYPES)}
+    state: dict[str, Any] = {
+        f"dtype.{str(d).split('.')[-1]}": _tensor(d, (3, 5), i) for i, d in enumerate(ALL_DTYPES)
+    }
     state.update(
         {
             "transposed": base.t(),  # non-contiguous, owns its whole storage
@@ -152,7 +169,9 @@ class RowChunked(torch.Tensor):
         rows = self.shape[0]
         bounds = [rows * i // self.n for i in range(self.n + 1)]  # type: ignore[attr-defined]
         return [
-            ChunkStorageMetadata(torch.Size([a] + [0] * (self.dim() - 1)), torch.Size([b - a, *self.shape[1:]]))
+            ChunkStorageMetadata(
+                torch.Size([a] + [0] * (self.dim() - 1)), torch.Size([b - a, *self.shape[1:]])
+            )
             for a, b in zip(bounds, bounds[1:])
         ]
 
@@ -195,7 +214,7 @@ def test_use_collectives_false_writes_rank_local_metadata(target: Target) -> Non
     from dcp_cloud.store import open_store
 
     store = open_store(target.url, target.storage_options)
-    keys = {o.key for o in store.run(store.list(""))}
+    keys = {o.key for o in store.run(store.list_objects(""))}
     assert "__0.metadata" in keys and ".metadata" not in keys
     out = {"x": torch.zeros(6), "note": ""}
     dcp.load(out, storage_reader=target.reader())
@@ -211,7 +230,7 @@ def test_key_prefix_strategies_spread_data_objects(target: Target, strategy: str
     state = {"w": torch.randn(100), "step": 5}
     dcp.save(state, storage_writer=target.writer(key_prefix=prefix))
     store = open_store(target.url, target.storage_options)
-    data = [o.key for o in store.run(store.list("")) if o.key.endswith(".distcp")]
+    data = [o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp")]
     assert len(data) == 1
     assert data[0].split("/")[1] == prefix(0).rstrip("/") and data[0].endswith("/__0_0.distcp")
     out = {"w": torch.zeros(100), "step": 0}

@@ -97,7 +97,9 @@ def test_partial_load_reads_only_the_needed_ranges(target: Target) -> None:
     assert reader.last_stats is not None and reader.last_stats.bytes < 10_000
 
 
-def test_standard_aws_environment_needs_no_options(s3_target: Target, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_standard_aws_environment_needs_no_options(
+    s3_target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in s3_target.server.env.items():
         monkeypatch.setenv(name, value)
     url = s3_target.url + "-env"
@@ -131,7 +133,9 @@ def test_writer_and_reader_pickle_without_their_connections(target: Target) -> N
     assert torch.equal(out["x"], torch.ones(3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; CPU tensors are covered everywhere else")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; CPU tensors are covered everywhere else"
+)
 def test_cuda_tensors_are_staged_to_cpu(target: Target) -> None:
     state = {"w": torch.randn(128, 128, device="cuda"), "v": torch.arange(10, device="cuda")[::2]}
     dcp.save(state, storage_writer=target.writer())

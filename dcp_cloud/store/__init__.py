@@ -29,15 +29,17 @@ _EXTRAS = {
 }
 
 
-
-
 def open_store(
     url: str | os.PathLike[str],
     storage_options: dict[str, Any] | None = None,
     filesystem: AbstractFileSystem | None = None,
     max_concurrency: int = 16,
+    max_attempts: int = 10,
 ) -> ObjectStore:
-    """The store for ``url``: S3 via s3fs, local folders, or any other fsspec filesystem."""
+    """The store for ``url``: S3 via s3fs, local folders, or any other fsspec filesystem.
+
+    ``max_attempts`` bounds the tries of each request (botocore's standard retry mode for S3).
+    """
     url = os.fspath(url)
     if not url:
         raise StoreConfigError("the checkpoint URL is empty; pass e.g. 's3://bucket/run1/step-100'")
@@ -48,12 +50,17 @@ def open_store(
         if scheme in ("s3", "s3a"):
             config = dict(options.get("config_kwargs") or {})
             config.setdefault("max_pool_connections", max(10, max_concurrency))
+            config.setdefault("retries", {"mode": "standard", "max_attempts": max_attempts})
             options["config_kwargs"] = config
         try:
             filesystem, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as exc:
             extra = _EXTRAS.get(scheme)
-            hint = f"pip install 'dcp-cloud[{extra}]'" if extra else f"install the fsspec backend for {scheme}://"
+            hint = (
+                f"pip install 'dcp-cloud[{extra}]'"
+                if extra
+                else f"install the fsspec backend for {scheme}://"
+            )
             raise StoreConfigError(
                 f"{shown}: the {scheme}:// backend is not installed ({exc}). Run: {hint}"
             ) from exc
@@ -82,5 +89,5 @@ def open_store(
         bucket = filesystem.split_path(root)[0]
         if not bucket:
             raise StoreConfigError(f"{shown}: the URL names no bucket; use s3://BUCKET/PREFIX")
-        return S3Store(filesystem, shown, root, max_concurrency)
+        return S3Store(filesystem, shown, root, max_concurrency, max_attempts)
     return FsspecStore(filesystem, shown, root, max_concurrency)

@@ -112,7 +112,7 @@ class ObjectStore(abc.ABC):
         """Whether an object exists."""
 
     @abc.abstractmethod
-    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         """All objects whose key starts with ``prefix`` (recursively)."""
 
     @abc.abstractmethod
@@ -136,6 +136,3 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     async def abort_upload(self, upload: MultipartUpload) -> None:
         """Discard an upload; never raises for an upload that is already gone."""
-
-    async def close(self) -> None:
-        """Release connections (optional)."""

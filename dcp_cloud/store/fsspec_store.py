@@ -77,15 +77,13 @@ class FsspecStore(ObjectStore):
         return await self._call("get", key, self.fs.cat_file, self.path(key))
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
-        data = await self._call(
-            "get_range", key, self.fs.cat_file, self.path(key), start=start, end=end
-        )
+        data = await self._call("get_range", key, self.fs.cat_file, self.path(key), start=start, end=end)
         return bytes(data)
 
     async def exists(self, key: str) -> bool:
         return bool(await self._call("head", key, self.fs.exists, self.path(key)))
 
-    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         base = self.path(prefix) if prefix else self.root
         try:
             found = await self._call("list", prefix, self.fs.find, base, detail=True)

@@ -112,7 +112,7 @@ class LocalStore(ObjectStore):
                 infos.append(ObjectInfo(key, st.st_size, st.st_mtime))
         return sorted(infos, key=lambda i: i.key)
 
-    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         return await self._call("list", prefix, self._list, prefix)
 
     def _delete(self, paths: list[str]) -> None:

@@ -3,17 +3,43 @@
 We use the client directly for what s3fs's file API hides: multipart uploads whose parts we send
 concurrently from our own buffers, conditional PUT (``If-None-Match: *``) for a no-overwrite
 commit, batched deletes, and the retry counts in each response's metadata.
+
+Retries are botocore's own ("standard" mode: jittered exponential backoff on throttling, 5xx,
+timeouts and connection errors, for every request kind), configured by ``open_store``; we do not
+stack s3fs's retry loop on top. A response body cut off mid-stream is past botocore's reach, so
+ranged reads retry that case themselves with tenacity.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from s3fs.core import _error_wrapper
+from botocore.exceptions import ClientError, ResponseStreamingError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from s3fs.errors import translate_boto_error
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo
 from .fsspec_store import FsspecStore
+
+T = TypeVar("T")
+
+
+class IncompleteBody(ConnectionError):
+    """The server sent fewer body bytes than it announced."""
+
+
+# A ranged GET whose body stops early: the connection broke after the headers.
+_BODY_ERRORS = (
+    ResponseStreamingError,
+    BotoConnectionError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    IncompleteBody,
+)
 
 _ACCESS_CODES = {
     "AccessDenied",
@@ -44,8 +70,9 @@ class S3Store(FsspecStore):
 
     supports_conditional_put = True
 
-    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16):
+    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(fs, url, root, max_concurrency)
+        self.max_attempts = max_attempts
         bucket, prefix, _ = fs.split_path(root)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
@@ -74,9 +101,16 @@ class S3Store(FsspecStore):
             return FileExistsError(f"{self.url}: {self.s3_key(key)} already exists")
         return exc
 
+    async def _client_call(self, method: str, **kwargs: Any) -> Any:
+        client = await self.fs.set_session()
+        try:
+            return await getattr(client, method)(**kwargs)
+        except ClientError as exc:
+            raise translate_boto_error(exc) from exc
+
     async def _s3(self, kind: str, key: str, method: str, **kwargs: Any) -> Any:
         try:
-            response = await self._request(kind, self.fs._call_s3(method, **kwargs))
+            response = await self._request(kind, self._client_call(method, **kwargs))
         except Exception as exc:
             translated = self._translate(exc, key)
             if translated is exc:
@@ -93,46 +127,57 @@ class S3Store(FsspecStore):
             "put", key, "put_object", Bucket=self.bucket, Key=self.s3_key(key), Body=data, **condition
         )
 
-    async def _read(self, kind: str, key: str, **range_kw: Any) -> bytes:
+    async def _with_body_retries(self, read: Callable[[], Awaitable[T]]) -> T:
+        """Run ``read`` (a GET and its body), again if the body is cut off midway."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.max_attempts),
+            wait=wait_random_exponential(multiplier=0.05, max=5),
+            retry=retry_if_exception_type(_BODY_ERRORS),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    self.counter.retry()
+                return await read()
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _get_into(self, kind: str, key: str, out: memoryview | None, **range_kw: Any) -> Any:
+        """One GET; the body goes into ``out`` (returns the byte count) or is returned whole."""
         response = await self._s3(
             kind, key, "get_object", Bucket=self.bucket, Key=self.s3_key(key), **range_kw
         )
         body = response["Body"]
+        expected = int(response.get("ContentLength", -1))
         try:
-            return await body.read()
-        finally:
-            body.close()
-
-    async def get(self, key: str) -> bytes:
-        return await self._read("get", key)
-
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        return await self._read("get_range", key, Range=f"bytes={start}-{end - 1}")
-
-    async def read_into(self, key: str, start: int, out: memoryview) -> int:
-        async def attempt() -> int:
-            response = await self._s3(
-                "get_range",
-                key,
-                "get_object",
-                Bucket=self.bucket,
-                Key=self.s3_key(key),
-                Range=f"bytes={start}-{start + len(out) - 1}",
-            )
-            body = response["Body"]
-            total = 0
-            try:
-                while total < len(out):
-                    n = await body.readinto(out[total:])
+            if out is None:
+                data = await body.read()
+                got = len(data)
+            else:
+                got = 0
+                while got < len(out):
+                    n = await body.readinto(out[got:])
                     if n == 0:
                         break
-                    total += n
-            finally:
-                body.close()
-            return total
+                    got += n
+        finally:
+            body.close()
+        if 0 <= got < expected:
+            raise IncompleteBody(f"{key}: the body ended after {got} of {expected} bytes")
+        return data if out is None else got
 
-        # s3fs's wrapper retries a body cut off mid-stream (IncompleteRead, payload errors).
-        return await _error_wrapper(attempt, retries=self.fs.retries)
+    async def get(self, key: str) -> bytes:
+        return await self._with_body_retries(lambda: self._get_into("get", key, None))
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        return await self._with_body_retries(
+            lambda: self._get_into("get_range", key, None, Range=f"bytes={start}-{end - 1}")
+        )
+
+    async def read_into(self, key: str, start: int, out: memoryview) -> int:
+        return await self._with_body_retries(
+            lambda: self._get_into("get_range", key, out, Range=f"bytes={start}-{start + len(out) - 1}")
+        )
 
     async def exists(self, key: str) -> bool:
         try:
@@ -141,7 +186,7 @@ class S3Store(FsspecStore):
             return False
         return True
 
-    async def list(self, prefix: str = "") -> list[ObjectInfo]:
+    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         full_prefix = self.s3_key(prefix)
         infos: list[ObjectInfo] = []
         token: str | None = None

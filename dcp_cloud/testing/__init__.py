@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -109,7 +110,15 @@ class S3Server:
     def start(self, timeout: float = 30.0) -> S3Server:
         env = {**os.environ, "MOTO_PORT": str(self.port)}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "dcp_cloud.testing.moto_server", "--port", str(self.port), "--log", self.log_path],
+            [
+                sys.executable,
+                "-m",
+                "dcp_cloud.testing.moto_server",
+                "--port",
+                str(self.port),
+                "--log",
+                self.log_path,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -174,3 +183,15 @@ class S3Server:
 
     def clear_requests(self) -> None:
         open(self.log_path, "w").close()
+
+    def set_faults(self, rate: float, kinds: str = "503,500,reset", seed: int = 0) -> dict[str, Any]:
+        """Fail ``rate`` of the requests from now on with 503 SlowDown, 500 or a cut
+        connection (``kinds``); ``rate=0`` stops. Returns the server's fault counters."""
+        query = urllib.parse.urlencode({"rate": rate, "kinds": kinds, "seed": seed, "reset_counts": 1})
+        with urllib.request.urlopen(f"{self.endpoint_url}/__faults?{query}", timeout=10) as response:
+            return dict(json.loads(response.read()))
+
+    def fault_counts(self) -> dict[str, Any]:
+        """Requests seen and faults injected, by kind, since the last ``set_faults``."""
+        with urllib.request.urlopen(f"{self.endpoint_url}/__faults", timeout=10) as response:
+            return dict(json.loads(response.read()))

@@ -1,8 +1,15 @@
-"""Entry point of the local S3 server process: moto's S3 app, with a server-side request log.
+"""Entry point of the local S3 server process: moto's S3 app, with a server-side request log
+and fault injection.
 
 Run as ``python -m dcp_cloud.testing.moto_server --port P [--log FILE]``. Every request is
 appended to FILE as one JSON line ``{"method", "path", "query", "status"}``, written when the
 response starts, so tests can prove from the server's side what a client sent, and in what order.
+
+Faults are switched on at run time with ``GET /__faults?rate=0.1&kinds=503,500,reset&seed=1``
+(``rate=0`` switches them off; ``GET /__faults`` returns the counts so far as JSON). A faulted
+request gets a ``503 SlowDown`` or ``500 InternalError`` answer without reaching the store, or
+its connection is cut: before the request is processed for uploads, halfway through the body
+for downloads. What the clients see is what real S3 sends under load.
 """
 
 from __future__ import annotations
@@ -11,7 +18,10 @@ import argparse
 import json
 import logging
 import os
+import random
+import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,6 +52,89 @@ class RequestLog:
         return self.app(environ, logged_start)
 
 
+_ERROR_BODY = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+    "<RequestId>injected</RequestId></Error>"
+)
+_STATUS = {
+    "503": ("503 Slow Down", "SlowDown", "Please reduce your request rate."),
+    "500": (
+        "500 Internal Server Error",
+        "InternalError",
+        "We encountered an internal error. Please try again.",
+    ),
+}
+
+
+class FaultInjector:
+    """WSGI middleware that fails a chosen fraction of requests, as an overloaded S3 would."""
+
+    def __init__(self, app: WsgiApp) -> None:
+        self.app = app
+        self.rate = 0.0
+        self.kinds = ["503", "500", "reset"]
+        self.random = random.Random(0)
+        self.counts: dict[str, int] = {"requests": 0}
+        self._lock = threading.Lock()
+
+    def _configure(self, query: str) -> None:
+        params = urllib.parse.parse_qs(query)
+        with self._lock:
+            if "rate" in params:
+                self.rate = float(params["rate"][0])
+            if "kinds" in params:
+                self.kinds = [k for k in params["kinds"][0].split(",") if k]
+            if "seed" in params:
+                self.random = random.Random(int(params["seed"][0]))
+            if "reset_counts" in params:
+                self.counts = {"requests": 0}
+
+    def _draw(self) -> str | None:
+        with self._lock:
+            self.counts["requests"] += 1
+            if self.rate <= 0 or self.random.random() >= self.rate:
+                return None
+            kind = self.random.choice(self.kinds)
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            return kind
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/__faults":
+            self._configure(environ.get("QUERY_STRING", ""))
+            with self._lock:
+                body = json.dumps({"rate": self.rate, "kinds": self.kinds, **self.counts}).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
+        kind = self._draw()
+        if kind in _STATUS:
+            status, code, message = _STATUS[kind]
+            body = _ERROR_BODY.format(code=code, message=message).encode()
+            start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            return [body]
+        if kind == "reset":
+            if environ.get("REQUEST_METHOD") == "GET":
+                return self._cut_midway(environ, start_response)
+            _drop(environ)
+            return []
+        return self.app(environ, start_response)
+
+    def _cut_midway(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        body = b"".join(self.app(environ, start_response))
+        yield body[: len(body) // 2]
+        _drop(environ)
+
+
+def _drop(environ: dict[str, Any]) -> None:
+    """Cut the client's connection, as a reset or a dying load balancer would."""
+    sock = environ.get("werkzeug.socket")
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    raise ConnectionAbortedError("injected connection reset")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -56,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     app: WsgiApp = DomainDispatcherApplication(create_backend_app)
     if args.log:
         app = RequestLog(app, args.log)
+    app = FaultInjector(app)
     run_simple(args.host, args.port, app, threaded=True)
 
 
