@@ -50,7 +50,7 @@ def open_store(
         if scheme in ("s3", "s3a"):
             config = dict(options.get("config_kwargs") or {})
             config.setdefault("max_pool_connections", max(10, max_concurrency))
-            config.setdefault("retries", {"mode": "standard", "max_attempts": max_attempts})
+            config.setdefault("retries", {"mode": "standard", "total_max_attempts": max_attempts})
             options["config_kwargs"] = config
         try:
             filesystem, root = fsspec.core.url_to_fs(url, **options)

@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import aiohttp
 from botocore.exceptions import ClientError, ResponseStreamingError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3fs.errors import translate_boto_error
@@ -38,6 +39,8 @@ _BODY_ERRORS = (
     BotoConnectionError,
     ConnectionError,
     asyncio.TimeoutError,
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
     IncompleteBody,
 )
 
