@@ -689,6 +689,23 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def code_version() -> str:
+    """The repository's commit, with "+dirty" when dcp_cloud/ has uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "dcp_cloud"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
+
+
 def workload_info(size_mib: int) -> dict[str, Any]:
     """What the generated state dict holds."""
     specs = tensor_specs(size_mib)
@@ -726,6 +743,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         f"workload: {workload['tensors']} tensors + {workload['non_tensor_entries']} non-tensor "
         f"entries, {workload['tensor_bytes'] / MiB:.1f} MiB {workload['bytes_by_dtype']}"
     )
+    code_at_start = code_version()
+    print(f"dcp_cloud code: {code_at_start}")
     measurements: list[Measurement] = []
     started = time.time()
     with open_endpoint(args.endpoint_url, args.bucket) as endpoint:
@@ -753,10 +772,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
                     if op == "save" and m.error:
                         break  # nothing to load
                 endpoint.delete_prefix(prefix + "/")
+    code = code_at_start
+    if code_version() != code_at_start:
+        code = f"{code_at_start} -> {code_version()}"
+        print(f"WARNING: the repository changed during the run ({code})", file=sys.stderr)
     rows = summarize(measurements, contenders)
     print()
     print(text_table(rows))
-    write_results(args, command, workload, contenders, measurements, rows, time.time() - started)
+    write_results(args, command, code, workload, contenders, measurements, rows, time.time() - started)
     failed = [r for r in rows if r.errors]
     for r in failed:
         print(f"FAILED: {r.contender} {r.op}: {'; '.join(r.errors)}", file=sys.stderr)
@@ -766,6 +789,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 def write_results(
     args: argparse.Namespace,
     command: str,
+    code: str,
     workload: dict[str, Any],
     contenders: list[str],
     measurements: list[Measurement],
@@ -781,6 +805,7 @@ def write_results(
         "command": command,
         "args": vars(args),
         "machine": machine,
+        "code": code,
         "workload": workload,
         "contenders": contenders,
         "elapsed_s": elapsed_s,
@@ -792,7 +817,7 @@ def write_results(
         [
             f"# DCP save/load benchmark ({when})",
             "",
-            f"- command: `{command}`",
+            f"- command: `{command}` (code {code})",
             f"- machine: {machine['nproc']} CPUs, {machine['memory_gib']} GiB, {machine['platform']}, "
             f"Python {machine['python']}, torch {machine['torch']}",
             f"- workload: {workload['tensors']} tensors ({workload['tensor_bytes'] / MiB:.1f} MiB, "

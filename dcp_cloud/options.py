@@ -20,6 +20,10 @@ class TransferOptions:
         max_concurrency: requests in flight at once per process.
         memory_budget: bytes of part and range buffers held at once per process; the
             whole checkpoint is never buffered. At least ``2 * part_size``.
+        object_size: a rank starts a new data object once the current one would grow past
+            this (an item larger than it gets an object of its own). Bounded objects keep
+            ranged reads cheap on stores that pay per object byte, and let objects complete
+            while the next one is written.
         coalesce_gap: on load, byte ranges of one object closer than this are fetched
             with one request (the gap is read and discarded).
         max_attempts: tries per request, retries included, for throttling (503 SlowDown),
@@ -29,6 +33,7 @@ class TransferOptions:
     part_size: int = 16 * MiB
     max_concurrency: int = 16
     memory_budget: int = 256 * MiB
+    object_size: int = 128 * MiB
     coalesce_gap: int = 1 * MiB
     max_attempts: int = 10
 
@@ -44,6 +49,11 @@ class TransferOptions:
             raise ValueError(
                 f"memory_budget={self.memory_budget} must hold at least two parts "
                 f"(2 * part_size = {2 * self.part_size}); raise it or lower part_size"
+            )
+        if not self.part_size <= self.object_size <= self.max_object_size:
+            raise ValueError(
+                f"object_size={self.object_size} must lie between part_size ({self.part_size}) "
+                f"and part_size * 10,000 ({self.max_object_size})"
             )
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")

@@ -3,23 +3,25 @@
 ``ObjectUpload`` is a write-only stream: torch.save writes into it, bytes are copied once into
 pooled part buffers, and each full part is sent while serialization goes on. When the pool is
 empty, ``write`` blocks until a part has been sent: memory stays within the budget however large
-the checkpoint. An object smaller than one part goes up as a single PUT.
+the checkpoint. An object smaller than one part goes up as a single PUT. ``close_async`` lets
+the next object start while this one's last parts are still in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from typing import Any
 
 import crc32c
 
 from .buffers import BufferPool
-from .errors import UploadError
+from .errors import DcpCloudError, UploadError
 from .store import MultipartUpload, ObjectStore
 
 
 class ObjectUpload:
-    """Write-only stream that uploads ``key``; call ``commit`` to finish or ``abort`` to discard."""
+    """Write-only stream that uploads ``key``; ``close_async`` finishes it, ``abort`` discards it."""
 
     def __init__(self, store: ObjectStore, key: str, pool: BufferPool) -> None:
         self.store = store
@@ -93,44 +95,59 @@ class ObjectUpload:
 
     async def _send(self, number: int, offset: int, buffer: bytearray, fill: int) -> None:
         try:
-            body = buffer if fill == len(buffer) else bytes(memoryview(buffer)[:fill])
             assert self._upload is not None
-            await self.store.upload_part(self._upload, number, offset, body)
+            await self.store.upload_part(self._upload, number, offset, memoryview(buffer)[:fill])
         finally:
             self.pool.put(buffer)
 
     def _raise_failures(self) -> None:
         for future in self._pending:
-            if future.done() and future.exception() is not None:
-                exc = future.exception()
-                raise UploadError(
-                    f"{self.store.url}: uploading {self.key} failed: {type(exc).__name__}: {exc}"
-                ) from exc
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                raise self._error(future.exception())  # type: ignore[arg-type]
 
-    def commit(self) -> int:
-        """Send what is left and make the object visible; returns its size."""
+    def _error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, DcpCloudError):  # already says what is wrong (missing bucket, access)
+            return exc
+        error = UploadError(f"{self.store.url}: uploading {self.key} failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def close_async(self) -> concurrent.futures.Future[int]:
+        """Send what is left and make the object visible, without waiting; the future gives the
+        object's size, or raises (after aborting the upload)."""
         if self._closed:
             raise RuntimeError(f"upload of {self.key} is already finished")
-        try:
-            if self._upload is None:
-                data = bytes(memoryview(self._buffer)[: self._fill]) if self._buffer else b""
-                if self._buffer is not None:
-                    self.pool.put(self._buffer)
-                    self._buffer = None
-                self.store.run(self.store.put(self.key, data))
-            else:
-                if self._fill:
-                    self._send_part()
-                elif self._buffer is not None:
-                    self.pool.put(self._buffer)
-                    self._buffer = None
-                concurrent.futures.wait(self._pending)
-                self._raise_failures()
-                self.store.run(self.store.complete_upload(self._upload))
-        except BaseException:
-            self.abort()
-            raise
         self._closed = True
+        if self._upload is None:
+            data = bytes(memoryview(self._buffer)[: self._fill]) if self._buffer is not None else b""
+            if self._buffer is not None:
+                self.pool.put(self._buffer)
+                self._buffer = None
+            return self.store.submit(self._put_whole(data))
+        if self._fill:
+            self._send_part()
+        elif self._buffer is not None:
+            self.pool.put(self._buffer)
+            self._buffer = None
+        return self.store.submit(self._complete())
+
+    async def _put_whole(self, data: bytes) -> int:
+        try:
+            await self.store.put(self.key, data)
+        except Exception as exc:
+            raise self._error(exc) from exc
+        return self._position
+
+    async def _complete(self) -> int:
+        assert self._upload is not None
+        try:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in self._pending))
+            await self.store.complete_upload(self._upload)
+        except BaseException as exc:
+            await self.store.abort_upload(self._upload)
+            if isinstance(exc, Exception):
+                raise self._error(exc) from exc
+            raise
         return self._position
 
     def abort(self) -> None:

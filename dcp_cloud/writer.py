@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import logging
 import os
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
@@ -56,6 +58,34 @@ class _WrittenItem:
     crc32c: int
 
 
+def _estimated_size(item: WriteItem) -> int:
+    """Bytes an item's tensor will take (0 for pickled objects, whose size is unknown)."""
+    if item.tensor_data is None:
+        return 0
+    numel = 1
+    for size in item.tensor_data.chunk.sizes:
+        numel *= size
+    return numel * torch.empty((), dtype=item.tensor_data.properties.dtype).element_size()
+
+
+@contextlib.contextmanager
+def _torch_save_without_crc32() -> Iterator[None]:
+    """torch.save skips its zip CRC32s (we keep a CRC32C of each item in the manifest).
+
+    torch.load does not need them. The switch is process-wide, so it is restored at once.
+    """
+    get_option = getattr(torch.serialization, "get_crc32_options", None)
+    if get_option is None:
+        yield
+        return
+    previous = get_option()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
 def _cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor as torch's FileSystemWriter serializes it: detached, on CPU, minimal storage."""
     tensor = tensor.detach()
@@ -85,6 +115,9 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         part_size: bytes per multipart part (at least 5 MiB).
         max_concurrency: requests in flight per process.
         memory_budget: bytes of part buffers per process.
+        object_size: a rank starts a new data object past this many bytes.
+        max_attempts: tries per request, retries included (throttling, 5xx, broken
+            connections), with jittered exponential backoff.
         overwrite: when False, saving where a checkpoint is already committed raises
             :class:`CheckpointExistsError` (checked before uploading, and enforced at the
             commit by a conditional PUT where the store supports one).
@@ -103,6 +136,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         part_size: int = TransferOptions.part_size,
         max_concurrency: int = TransferOptions.max_concurrency,
         memory_budget: int = TransferOptions.memory_budget,
+        object_size: int = TransferOptions.object_size,
         max_attempts: int = TransferOptions.max_attempts,
         overwrite: bool = True,
         key_prefix: Callable[[int], str] | None = None,
@@ -111,6 +145,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             part_size=part_size,
             max_concurrency=max_concurrency,
             memory_budget=memory_budget,
+            object_size=object_size,
             max_attempts=max_attempts,
         )
         StoreConnection.__init__(self, url, storage_options, filesystem, options)
@@ -241,37 +276,55 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         opts = self.options
         pool = BufferPool(opts.part_size, max(2, opts.memory_budget // opts.part_size))
         results: list[WriteResult] = []
-        object_index = 0
-        key = layout.data_key(prefix.save_id, prefix.file_prefix, object_index)
-        upload = ObjectUpload(self.store, key, pool)
+        closing: list[tuple[str, concurrent.futures.Future[int]]] = []
+        upload: ObjectUpload | None = None
         try:
-            for item in ordered:
-                if upload.tell() >= opts.max_object_size:
-                    upload.commit()
-                    object_index += 1
-                    key = layout.data_key(prefix.save_id, prefix.file_prefix, object_index)
-                    upload = ObjectUpload(self.store, key, pool)
-                data = planner.resolve_data(item)
-                upload.write(bytes(-upload.tell() % ITEM_ALIGNMENT))
-                offset = upload.begin_item()
-                if item.type == WriteItemType.BYTE_IO:
-                    upload.write(cast(io.BytesIO, data).getbuffer())
-                else:
-                    torch.save(_cpu_tensor(cast(torch.Tensor, data)), cast(IO[bytes], upload))
-                length = upload.tell() - offset
-                info = _StorageInfo(relative_path=key, offset=offset, length=length)
-                results.append(
-                    WriteResult(
-                        index=item.index,
-                        size_in_bytes=length,
-                        storage_data=_WrittenItem(info, upload.end_item()),
-                    )
-                )
-            upload.commit()
+            with _torch_save_without_crc32():
+                for item in ordered:
+                    if upload is None or (
+                        upload.tell() and upload.tell() + _estimated_size(item) > opts.object_size
+                    ):
+                        if upload is not None:
+                            closing.append((upload.key, upload.close_async()))
+                        key = layout.data_key(prefix.save_id, prefix.file_prefix, len(closing))
+                        upload = ObjectUpload(self.store, key, pool)
+                    results.append(self._write_item(upload, item, planner))
+            assert upload is not None
+            closing.append((upload.key, upload.close_async()))
+            upload = None
+            self._wait_for_objects(closing)
         except BaseException:
-            upload.abort()
+            if upload is not None:
+                upload.abort()
             raise
         return results
+
+    def _write_item(self, upload: ObjectUpload, item: WriteItem, planner: SavePlanner) -> WriteResult:
+        data = planner.resolve_data(item)
+        upload.write(bytes(-upload.tell() % ITEM_ALIGNMENT))
+        offset = upload.begin_item()
+        if item.type == WriteItemType.BYTE_IO:
+            upload.write(cast(io.BytesIO, data).getbuffer())
+        else:
+            torch.save(_cpu_tensor(cast(torch.Tensor, data)), cast(IO[bytes], upload))
+        length = upload.tell() - offset
+        info = _StorageInfo(relative_path=upload.key, offset=offset, length=length)
+        return WriteResult(
+            index=item.index, size_in_bytes=length, storage_data=_WrittenItem(info, upload.end_item())
+        )
+
+    def _wait_for_objects(self, closing: list[tuple[str, concurrent.futures.Future[int]]]) -> None:
+        """Wait until every object is complete; on a failure, remove the ones that completed."""
+        concurrent.futures.wait([f for _, f in closing])
+        failed = [f for _, f in closing if f.exception() is not None]
+        if failed:
+            done = [key for key, f in closing if f.exception() is None]
+            if done:
+                try:
+                    self.store.run(self.store.delete(done))
+                except Exception:  # debris for gc; the save fails either way
+                    pass
+            raise failed[0].exception()  # type: ignore[misc]
 
     def _refuse_if_committed(self) -> None:
         key = layout.metadata_key(None if self.use_collectives else self.rank)

@@ -125,7 +125,7 @@ class ObjectStore(abc.ABC):
 
     @abc.abstractmethod
     async def upload_part(
-        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray
+        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         """Send part ``part_number`` (1-based) that starts at byte ``offset`` of the object."""
 

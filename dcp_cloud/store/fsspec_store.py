@@ -117,7 +117,7 @@ class FsspecStore(ObjectStore):
         return MultipartUpload(key, _OrderedStream(stream))
 
     async def upload_part(
-        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray
+        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         ordered: _OrderedStream = upload.state
         async with ordered.turn:

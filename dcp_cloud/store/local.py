@@ -134,7 +134,7 @@ class LocalStore(ObjectStore):
         fd, tmp = await self._call("start_upload", key, self._open_temp, self.path(key))
         return MultipartUpload(key, (fd, tmp))
 
-    def _pwrite_all(self, fd: int, data: bytes | bytearray, offset: int) -> None:
+    def _pwrite_all(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             written = os.pwrite(fd, view, offset)
@@ -146,7 +146,7 @@ class LocalStore(ObjectStore):
             os.fdatasync(fd)
 
     async def upload_part(
-        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray
+        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         fd, _ = upload.state
         await self._call("upload_part", upload.key, self._pwrite_all, fd, data, offset)
