@@ -59,39 +59,44 @@ class ByteBudget:
 
 
 class ReadBuffers:
-    """Fetch buffers for one load, reused by capacity.
+    """Fetch buffers for one load, reused by capacity, never more than ``limit`` bytes in all.
 
     Each buffer is an anonymous memory map: the kernel supplies zeroed pages on first touch, so
     there is no extra zero-fill pass, and a reused buffer costs no page faults at all. Capacities
-    are rounded up to ``granule`` so ranges of similar size share buffers. Free buffers beyond
-    ``retain`` bytes are dropped.
+    are rounded up to ``granule`` so ranges of similar size share buffers. When a new buffer
+    would take the total past ``limit``, free buffers are dropped first (a single range larger
+    than the limit still gets its buffer: it cannot be decoded in pieces).
     """
 
-    def __init__(self, granule: int, retain: int) -> None:
+    def __init__(self, granule: int, limit: int) -> None:
         self.granule = granule
-        self.retain = retain
+        self.limit = limit
         self._free: dict[int, list[mmap.mmap]] = {}
-        self._free_bytes = 0
+        self._allocated = 0
         self._lock = threading.Lock()
+
+    def capacity(self, size: int) -> int:
+        """Bytes a buffer for ``size`` bytes occupies."""
+        return max(self.granule, -(-size // self.granule) * self.granule)
 
     def get(self, size: int) -> tuple[mmap.mmap, memoryview]:
         """A buffer of at least ``size`` bytes, and a view of exactly ``size`` bytes of it."""
-        capacity = max(self.granule, -(-size // self.granule) * self.granule)
+        capacity = self.capacity(size)
         with self._lock:
             free = self._free.get(capacity)
             if free:
                 buffer = free.pop()
-                self._free_bytes -= capacity
-            else:
-                buffer = None
-        if buffer is None:
-            buffer = mmap.mmap(-1, capacity)
+                return buffer, memoryview(buffer)[:size]
+            for other in list(self._free):
+                if self._allocated + capacity <= self.limit:
+                    break
+                for dropped in self._free.pop(other):
+                    self._allocated -= len(dropped)  # unmapped once the last view is gone
+            self._allocated += capacity
+        buffer = mmap.mmap(-1, capacity)
         return buffer, memoryview(buffer)[:size]
 
     def put(self, buffer: mmap.mmap) -> None:
-        capacity = len(buffer)
+        """Give a buffer back for reuse."""
         with self._lock:
-            if self._free_bytes + capacity > self.retain:
-                return  # let it go; the garbage collector unmaps it
-            self._free.setdefault(capacity, []).append(buffer)
-            self._free_bytes += capacity
+            self._free.setdefault(len(buffer), []).append(buffer)

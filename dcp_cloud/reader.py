@@ -31,7 +31,7 @@ from .errors import (
 )
 from .fetch import FetchRange, StoredItem, plan_fetches, split_range
 from .manifest import ItemRecord, Manifest
-from .options import TransferOptions
+from .options import MiB, TransferOptions
 from .safe_pickle import load_metadata
 from .stats import StatsRecorder, TransferStats
 from .urls import redact_url
@@ -137,12 +137,12 @@ class CloudStorageReader(StoreConnection, StorageReader):
         ranges = plan_fetches(plan.items, self.storage_data, opts.part_size, opts.coalesce_gap)
         records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
         budget = ByteBudget(opts.memory_budget)
-        buffers = ReadBuffers(granule=opts.part_size, retain=opts.memory_budget)
+        buffers = ReadBuffers(granule=MiB, limit=opts.memory_budget)
         waiting = deque(ranges)
         in_flight: dict[concurrent.futures.Future[Any], tuple[FetchRange, Any]] = {}
         try:
             while waiting or in_flight:
-                while waiting and budget.try_acquire(waiting[0].size):
+                while waiting and budget.try_acquire(buffers.capacity(waiting[0].size)):
                     fetch = waiting.popleft()
                     buffer, view = buffers.get(fetch.size)
                     in_flight[store.submit(self._fetch(fetch, view))] = (fetch, buffer)
@@ -153,7 +153,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
                     self._decode(fetch, data, planner, records)
                     del data
                     buffers.put(buffer)
-                    budget.release(fetch.size)
+                    budget.release(buffers.capacity(fetch.size))
         except BaseException:
             for future in in_flight:
                 future.cancel()
