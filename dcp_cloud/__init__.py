@@ -20,6 +20,7 @@ from .errors import (
     UnsafeCheckpointError,
     UploadError,
 )
+from .gc import GcReport, collect_garbage
 from .layout import HashPrefix, ReversedRankPrefix
 from .reader import CloudStorageReader
 from .stats import TransferStats
@@ -33,6 +34,7 @@ __all__ = [
     "CloudStorageWriter",
     "CorruptCheckpointError",
     "DcpCloudError",
+    "GcReport",
     "HashPrefix",
     "IncompleteCheckpointError",
     "ReversedRankPrefix",
@@ -42,4 +44,5 @@ __all__ = [
     "UnsafeCheckpointError",
     "UploadError",
     "__version__",
+    "collect_garbage",
 ]

@@ -245,11 +245,14 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
 
         previous = self._read_committed(key)
         if previous is not None and not self.overwrite:
+            self._discard(manifest)
             raise self._exists_error(key)
         store.run(store.put(layout.manifest_key(prefix.save_id), manifest.to_json()))
         try:
             store.run(store.put(key, pickle.dumps(metadata, protocol=4), if_absent=not self.overwrite))
         except FileExistsError:
+            # Another writer committed first: its checkpoint stands, ours goes.
+            self._discard(manifest)
             raise self._exists_error(key) from None
         if previous is not None:
             self._delete_replaced(previous, metadata)
@@ -349,6 +352,16 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         except DcpCloudError as exc:
             logger.warning("not cleaning up after the replaced checkpoint: %s", exc)
             return None
+
+    def _discard(self, manifest: Manifest) -> None:
+        """Delete this save's objects after it lost the commit (best effort; gc finds the rest)."""
+        keys = sorted(manifest.objects) + [layout.manifest_key(manifest.save_id)]
+        try:
+            self.store.run(self.store.delete(keys))
+        except Exception as exc:
+            logger.warning(
+                "%s: could not remove the objects of the save that did not commit: %s", self.store.url, exc
+            )
 
     def _delete_replaced(self, previous: Metadata, current: Metadata) -> None:
         """Delete the replaced save's objects; failures only leave debris for gc."""

@@ -1,13 +1,16 @@
 """A process that saves one version of a checkpoint, to be SIGKILLed by test_kill_safety.
 
-Usage: python tests/kill_child.py {ours|fsspec} URL STORAGE_OPTIONS_JSON VALUE
-Prints READY when about to save and DONE when the save returned.
+Usage: python tests/kill_child.py {ours|fsspec} URL STORAGE_OPTIONS_JSON VALUE [GO_FILE [no-overwrite]]
+Prints READY when about to save and DONE when the save returned. With GO_FILE, waits for that
+file to exist before saving (to start several savers at once).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 import warnings
 
 import torch
@@ -26,17 +29,23 @@ def state(value: float) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     kind, url, options_json, value = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    go_file = sys.argv[5] if len(sys.argv) > 5 else None
+    overwrite = not (len(sys.argv) > 6 and sys.argv[6] == "no-overwrite")
     options = json.loads(options_json)
     if kind == "ours":
         from dcp_cloud import CloudStorageWriter
 
-        writer = CloudStorageWriter(url, storage_options=options, part_size=5 * 1024 * 1024)
+        writer = CloudStorageWriter(
+            url, storage_options=options, part_size=5 * 1024 * 1024, overwrite=overwrite
+        )
     else:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         writer = FsspecWriter(url, thread_count=4, sync_files=False, **options)
     sd = state(value)
     print("READY", flush=True)
+    while go_file and not os.path.exists(go_file):
+        time.sleep(0.005)
     dcp.save(sd, storage_writer=writer)
     print("DONE", flush=True)
 

@@ -69,7 +69,10 @@ def test_ten_percent_faults_every_save_and_load_succeeds(faulty_server: S3Server
 def test_cut_connections_on_downloads_are_retried(faulty_server: S3Server) -> None:
     options = faulty_server.storage_options
     state = _state(100)
-    dcp.save(state, storage_writer=CloudStorageWriter("s3://faulty/cut", storage_options=options, part_size=5 * MiB))
+    dcp.save(
+        state,
+        storage_writer=CloudStorageWriter("s3://faulty/cut", storage_options=options, part_size=5 * MiB),
+    )
     faulty_server.set_faults(0.3, kinds="reset", seed=5)
     try:
         reader = CloudStorageReader("s3://faulty/cut", storage_options=options, part_size=5 * MiB)
@@ -86,7 +89,12 @@ def test_non_retryable_errors_fail_fast(faulty_server: S3Server) -> None:
     faulty_server.clear_requests()
     start = time.monotonic()
     with pytest.raises(CheckpointException) as info:
-        dcp.save({"x": torch.ones(4)}, storage_writer=CloudStorageWriter("s3://no-such-bucket-x/c", storage_options=faulty_server.storage_options))
+        dcp.save(
+            {"x": torch.ones(4)},
+            storage_writer=CloudStorageWriter(
+                "s3://no-such-bucket-x/c", storage_options=faulty_server.storage_options
+            ),
+        )
     elapsed = time.monotonic() - start
     assert BucketNotFoundError in failure_types(info.value)
     to_missing = [r for r in faulty_server.requests() if r.path.startswith("/no-such-bucket-x")]
@@ -99,7 +107,12 @@ def test_attempts_are_configurable(faulty_server: S3Server) -> None:
     try:
         start = time.monotonic()
         with pytest.raises(CheckpointException):
-            dcp.save({"x": torch.ones(4)}, storage_writer=CloudStorageWriter("s3://faulty/never", storage_options=faulty_server.storage_options, max_attempts=2))
+            dcp.save(
+                {"x": torch.ones(4)},
+                storage_writer=CloudStorageWriter(
+                    "s3://faulty/never", storage_options=faulty_server.storage_options, max_attempts=2
+                ),
+            )
         counts = faulty_server.fault_counts()
     finally:
         faulty_server.set_faults(0.0)

@@ -10,11 +10,11 @@ from fsspec import AbstractFileSystem
 
 from ..errors import StoreConfigError
 from ..urls import redact_url, url_scheme
-from .base import MultipartUpload, ObjectInfo, ObjectStore
+from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload
 from .fsspec_store import FsspecStore
 from .local import LocalStore
 
-__all__ = ["MultipartUpload", "ObjectInfo", "ObjectStore", "open_store", "redact_url"]
+__all__ = ["MultipartUpload", "ObjectInfo", "ObjectStore", "PendingUpload", "open_store", "redact_url"]
 
 # The extra of dcp-cloud that installs each scheme's fsspec backend.
 _EXTRAS = {

@@ -31,6 +31,18 @@ class ObjectInfo:
 
 
 @dataclass
+class PendingUpload:
+    """An upload found in the store that was never completed or aborted.
+
+    ``last_activity`` is when it last made progress (its newest part, or its start).
+    """
+
+    key: str
+    last_activity: float
+    upload: MultipartUpload
+
+
+@dataclass
 class MultipartUpload:
     """An upload in progress; ``state`` is the store's own (an upload id, a file handle)."""
 
@@ -136,3 +148,8 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     async def abort_upload(self, upload: MultipartUpload) -> None:
         """Discard an upload; never raises for an upload that is already gone."""
+
+    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        """Uploads under ``prefix`` that were started and never finished (none by default:
+        stores whose uploads leave nothing behind)."""
+        return []

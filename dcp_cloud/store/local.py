@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import layout
 from ..errors import StoreAccessError
-from .base import MultipartUpload, ObjectInfo, ObjectStore
+from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload
 
 
 class LocalStore(ObjectStore):
@@ -125,6 +125,27 @@ class LocalStore(ObjectStore):
     async def delete(self, keys: list[str]) -> None:
         await self._call("delete", ",".join(keys), self._delete, [self.path(k) for k in keys])
 
+    def _list_temp(self, prefix: str) -> list[PendingUpload]:
+        found = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if ".tmp-" not in name or not name.startswith("."):
+                    continue
+                full = os.path.join(dirpath, name)
+                final = os.path.join(dirpath, name[1 : name.index(".tmp-")])
+                key = os.path.relpath(final, self.root).replace(os.sep, "/")
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    started = os.stat(full).st_mtime
+                except FileNotFoundError:
+                    continue
+                found.append(PendingUpload(key, started, MultipartUpload(key, (-1, full))))
+        return found
+
+    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        return await self._call("list", prefix, self._list_temp, prefix)
+
     def _open_temp(self, path: str) -> tuple[int, str]:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = self._temp_path(path)
@@ -164,10 +185,11 @@ class LocalStore(ObjectStore):
 
     @staticmethod
     def _abort(fd: int, tmp: str) -> None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         try:
             os.unlink(tmp)
         except FileNotFoundError:

@@ -24,7 +24,7 @@ from s3fs.errors import translate_boto_error
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from ..errors import BucketNotFoundError, StoreAccessError
-from .base import MultipartUpload, ObjectInfo
+from .base import MultipartUpload, ObjectInfo, PendingUpload
 from .fsspec_store import FsspecStore
 
 T = TypeVar("T")
@@ -293,6 +293,41 @@ class S3Store(FsspecStore):
             UploadId=upload.state,
             MultipartUpload={"Parts": parts},
         )
+
+    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        found: list[PendingUpload] = []
+        markers: dict[str, str] = {}
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        while True:
+            page = await self._s3(
+                "list",
+                prefix,
+                "list_multipart_uploads",
+                Bucket=self.bucket,
+                Prefix=self.s3_key(prefix),
+                **markers,
+            )
+            for item in page.get("Uploads", []):
+                key = item["Key"][strip:]
+                upload = MultipartUpload(key, item["UploadId"])
+                activity = max(item["Initiated"].timestamp(), await self._newest_part(upload))
+                found.append(PendingUpload(key, activity, upload))
+            if not page.get("IsTruncated"):
+                return found
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    async def _newest_part(self, upload: MultipartUpload) -> float:
+        """When the newest part of an upload arrived (0 without parts): an upload still being
+        written has recent parts even if it was started long ago."""
+        page = await self._s3(
+            "list",
+            upload.key,
+            "list_parts",
+            Bucket=self.bucket,
+            Key=self.s3_key(upload.key),
+            UploadId=upload.state,
+        )
+        return max((part["LastModified"].timestamp() for part in page.get("Parts", [])), default=0.0)
 
     async def abort_upload(self, upload: MultipartUpload) -> None:
         try:

@@ -1,0 +1,125 @@
+"""Crash debris: gc removes what killed saves leave behind, and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from dcp_cloud import collect_garbage
+from dcp_cloud.store import open_store
+
+from .conftest import BUCKET, Target, make_target
+from .kill_child import SHAPES, state
+
+CHILD = str(Path(__file__).with_name("kill_child.py"))
+
+
+def _load_value(target: Target) -> set[float]:
+    out = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    dcp.load(out, storage_reader=target.reader())
+    return {float(v) for t in out.values() for v in t.unique()}
+
+
+def _upload_has_data(target: Target, store: Any) -> bool:
+    """Whether the child's upload is open with at least one part (or some bytes) in it."""
+    uploads = store.run(store.list_uploads(""))
+    if target.store == "s3":
+        client = target.server.client()
+        prefix = target.url.removeprefix(f"s3://{BUCKET}/")
+        return any(
+            client.list_parts(Bucket=BUCKET, Key=f"{prefix}/{u.key}", UploadId=u.upload.state).get("Parts")
+            for u in uploads
+        )
+    return any(os.path.getsize(u.upload.state[1]) > 0 for u in uploads if os.path.exists(u.upload.state[1]))
+
+
+def _kill_mid_upload(target: Target, value: float) -> None:
+    """Start a save in a child and SIGKILL it while its multipart upload is open."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(
+        [sys.executable, CHILD, "ours", target.url, json.dumps(target.storage_options), str(value)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert child.stdout is not None and child.stdout.readline().strip() == "READY"
+    store = open_store(target.url, target.storage_options)
+    deadline = time.monotonic() + 60
+    while not _upload_has_data(target, store):
+        assert time.monotonic() < deadline, "the child never opened an upload"
+        assert child.poll() is None, "the child finished before it could be killed"
+        time.sleep(0.005)
+    child.kill()
+    child.wait(timeout=30)
+
+
+@pytest.mark.parametrize("store_kind", ["s3", "file"])
+def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> None:
+    target = make_target(store_kind, request, tmp_path)
+    dcp.save(state(1.0), storage_writer=target.writer(part_size=5 * 1024 * 1024))
+    store = open_store(target.url, target.storage_options)
+    committed = {o.key for o in store.run(store.list_objects(""))}
+
+    _kill_mid_upload(target, 2.0)
+    assert _load_value(target) == {1.0}
+    assert store.run(store.list_uploads("")), "the killed save left no open upload to clean"
+
+    young = collect_garbage(target.url, storage_options=target.storage_options)
+    assert young.deleted == [] and young.aborted_uploads == []  # within the grace period: untouched
+
+    preview = collect_garbage(
+        target.url, storage_options=target.storage_options, grace_seconds=0, dry_run=True
+    )
+    assert preview.aborted_uploads and store.run(store.list_uploads(""))
+
+    report = collect_garbage(target.url, storage_options=target.storage_options, grace_seconds=0)
+    assert report.aborted_uploads == preview.aborted_uploads
+    assert store.run(store.list_uploads("")) == []
+    assert {o.key for o in store.run(store.list_objects(""))} == committed
+    assert _load_value(target) == {1.0}
+
+
+def test_gc_removes_uncommitted_saves_and_keeps_committed_ones(target: Target) -> None:
+    root = target
+    dcp.save({"x": torch.ones(4)}, storage_writer=root.child("step-1").writer())
+    dcp.save({"x": torch.ones(4)}, storage_writer=root.child("step-2").writer())
+    store = open_store(root.url, root.storage_options)
+    store.run(store.delete(["step-2/.metadata"]))  # step-2 never committed
+    before = {o.key for o in store.run(store.list_objects(""))}
+    report = collect_garbage(root.url, storage_options=root.storage_options, grace_seconds=0)
+    after = {o.key for o in store.run(store.list_objects(""))}
+    assert report.deleted and all(k.startswith("step-2/save-") for k in report.deleted)
+    assert after == before - set(report.deleted)
+    assert not any(k.startswith("step-2/") for k in after)
+    out = {"x": torch.zeros(4)}
+    dcp.load(out, storage_reader=root.child("step-1").reader())
+    assert torch.equal(out["x"], torch.ones(4))
+
+
+def test_gc_keeps_everything_under_unreadable_metadata(target: Target) -> None:
+    dcp.save({"x": torch.ones(4)}, storage_writer=target.writer())
+    store = open_store(target.url, target.storage_options)
+    store.run(store.put(".metadata", b"garbage"))
+    before = {o.key for o in store.run(store.list_objects(""))}
+    report = collect_garbage(target.url, storage_options=target.storage_options, grace_seconds=0)
+    assert report.deleted == [] and report.unreadable_metadata == [".metadata"]
+    assert {o.key for o in store.run(store.list_objects(""))} == before
+
+
+def test_gc_leaves_foreign_files_alone(s3_target: Target) -> None:
+    client = s3_target.server.client()
+    prefix = s3_target.url.removeprefix(f"s3://{BUCKET}/")
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/notes.txt", Body=b"mine")
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/__0_0.distcp", Body=b"torch's")
+    report = collect_garbage(s3_target.url, storage_options=s3_target.storage_options, grace_seconds=0)
+    assert report.deleted == []
