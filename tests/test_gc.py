@@ -72,18 +72,19 @@ def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest,
 
     _kill_mid_upload(target, 2.0)
     assert _load_value(target) == {1.0}
-    assert store.run(store.list_uploads("")), "the killed save left no open upload to clean"
+    open_uploads = store.run(store.list_uploads(""))
+    orphans = {o.key for o in store.run(store.list_objects(""))} - committed
+    assert open_uploads or orphans, "the killed save left nothing to clean"
 
     young = collect_garbage(target.url, storage_options=target.storage_options)
     assert young.deleted == [] and young.aborted_uploads == []  # within the grace period: untouched
 
-    preview = collect_garbage(
-        target.url, storage_options=target.storage_options, grace_seconds=0, dry_run=True
-    )
-    assert preview.aborted_uploads and store.run(store.list_uploads(""))
+    preview = collect_garbage(target.url, storage_options=target.storage_options, grace_seconds=0, dry_run=True)
+    assert set(preview.deleted) == orphans and len(preview.aborted_uploads) == len(open_uploads)
+    assert len(store.run(store.list_uploads(""))) == len(open_uploads)  # the dry run aborted nothing
 
     report = collect_garbage(target.url, storage_options=target.storage_options, grace_seconds=0)
-    assert report.aborted_uploads == preview.aborted_uploads
+    assert report.deleted == preview.deleted and report.aborted_uploads == preview.aborted_uploads
     assert store.run(store.list_uploads("")) == []
     assert {o.key for o in store.run(store.list_objects(""))} == committed
     assert _load_value(target) == {1.0}
