@@ -36,6 +36,7 @@ class ObjectUpload:
         self._pending: list[concurrent.futures.Future[None]] = []
         self._item_crc = 0
         self._closed = False
+        self.failure: Exception | None = None
 
     # -- the file-like surface torch.save needs ------------------------------------------------
 
@@ -103,7 +104,9 @@ class ObjectUpload:
     def _raise_failures(self) -> None:
         for future in self._pending:
             if future.done() and not future.cancelled() and future.exception() is not None:
-                raise self._error(future.exception())  # type: ignore[arg-type]
+                # Kept: torch.save turns errors raised inside write() into its own RuntimeError.
+                self.failure = self._error(future.exception())  # type: ignore[arg-type]
+                raise self.failure
 
     def _error(self, exc: BaseException) -> Exception:
         if isinstance(exc, DcpCloudError):  # already says what is wrong (missing bucket, access)

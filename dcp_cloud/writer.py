@@ -309,7 +309,12 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         if item.type == WriteItemType.BYTE_IO:
             upload.write(cast(io.BytesIO, data).getbuffer())
         else:
-            torch.save(_cpu_tensor(cast(torch.Tensor, data)), cast(IO[bytes], upload))
+            try:
+                torch.save(_cpu_tensor(cast(torch.Tensor, data)), cast(IO[bytes], upload))
+            except Exception as exc:
+                if upload.failure is not None:  # the real cause, which torch.save reworded
+                    raise upload.failure from exc
+                raise
         length = upload.tell() - offset
         info = _StorageInfo(relative_path=upload.key, offset=offset, length=length)
         return WriteResult(

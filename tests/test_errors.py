@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ from dcp_cloud import (
     BucketNotFoundError,
     CloudStorageReader,
     CloudStorageWriter,
+    StoreAccessError,
     StoreConfigError,
+    UploadError,
 )
 from dcp_cloud.store import open_store
 
@@ -192,3 +197,91 @@ def test_secrets_stay_out_of_repr_and_errors(s3_target: Target) -> None:
     with pytest.raises(CheckpointException) as info:
         dcp.save({"x": torch.ones(1)}, storage_writer=writer)
     assert options["secret"] not in failure_text(info.value)
+
+
+def test_wrong_credentials_are_refused_clearly(s3_target: Target) -> None:
+    options = {**s3_target.storage_options, "key": "not-a-key", "secret": "not-a-secret"}
+    start = time.monotonic()
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(
+            {"x": torch.ones(2)}, storage_writer=CloudStorageWriter(s3_target.url, storage_options=options)
+        )
+    assert StoreAccessError in failure_types(info.value)
+    assert "Check the credentials" in failure_text(info.value)
+    assert "not-a-secret" not in failure_text(info.value)
+    assert time.monotonic() - start < 10  # refused credentials are not retried
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(
+            {"x": torch.ones(2)}, storage_reader=CloudStorageReader(s3_target.url, storage_options=options)
+        )
+    assert "Check the credentials" in failure_text(info.value)
+
+
+def test_permission_denied_on_write_midway(s3_target: Target) -> None:
+    state = _save(s3_target)
+    server = s3_target.server
+    server.set_faults(1.0, kinds="403", methods="PUT")  # uploads refused, everything else allowed
+    try:
+        with pytest.raises(CheckpointException) as info:
+            dcp.save(
+                {"w": torch.randn(2 * 1024 * 1024), "b": torch.randn(64), "step": 4},
+                storage_writer=s3_target.writer(part_size=5 * 1024 * 1024),
+            )
+    finally:
+        server.set_faults(0.0)
+    assert StoreAccessError in failure_types(info.value)
+    out = _target_state()
+    dcp.load(out, storage_reader=s3_target.reader())
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 3
+
+
+def test_disk_full_on_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = str(tmp_path / "ckpt")
+    dcp.save({"w": torch.ones(4)}, storage_writer=CloudStorageWriter(url))
+    real_pwrite = os.pwrite
+
+    def full_disk(fd: int, data: Any, offset: int) -> int:
+        if offset > 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(
+            {"w": torch.randn(4 * 1024 * 1024)},
+            storage_writer=CloudStorageWriter(url, part_size=5 * 1024 * 1024),
+        )
+    monkeypatch.undo()
+    assert UploadError in failure_types(info.value) and "no space left" in failure_text(info.value)
+    assert not [p for p in (tmp_path / "ckpt").rglob("*") if ".tmp-" in p.name], "temporary files left behind"
+    out = {"w": torch.zeros(4)}
+    dcp.load(out, storage_reader=CloudStorageReader(url))
+    assert torch.equal(out["w"], torch.ones(4))
+
+
+def test_zero_byte_data_object(target: Target) -> None:
+    _save(target)
+    store = open_store(target.url, target.storage_options)
+    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
+    store.run(store.put(key, b""))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    assert "truncated" in failure_text(info.value) and key in failure_text(info.value)
+
+
+def test_a_prefix_that_is_not_a_checkpoint(target: Target) -> None:
+    store = open_store(target.url, target.storage_options)
+    store.run(store.put("README.txt", b"not a checkpoint"))
+    store.run(store.put("data/part-0.parquet", b"PAR1"))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(_target_state(), storage_reader=target.reader())
+    assert "no checkpoint here" in failure_text(info.value)
+
+
+def test_extra_keys_in_the_checkpoint_load_with_partial_planner(target: Target) -> None:
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    state = _save(target)
+    out = {"w": torch.zeros(64, 64)}
+    dcp.load(out, storage_reader=target.reader(), planner=DefaultLoadPlanner(allow_partial_load=True))
+    assert torch.equal(out["w"], state["w"])

@@ -8,12 +8,13 @@ writes go through the same temp-and-rename, so ``.metadata`` is never seen half 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
 from typing import Any
 
 from .. import layout
-from ..errors import StoreAccessError
+from ..errors import StoreAccessError, UploadError
 from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload
 
 
@@ -37,6 +38,13 @@ class LocalStore(ObjectStore):
                 f"{self.url}: permission denied on {self.path(key)} ({exc.strerror}). "
                 "Check the folder's owner and mode."
             ) from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UploadError(
+                    f"{self.url}: no space left writing {self.path(key)} ({exc.strerror}). Free "
+                    "space on that disk or save somewhere else; nothing was committed."
+                ) from exc
+            raise
 
     def _temp_path(self, path: str) -> str:
         head, tail = os.path.split(path)

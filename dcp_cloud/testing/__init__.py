@@ -74,7 +74,11 @@ class ServerRequest:
 
 
 class S3Server:
-    """moto's S3 server in a child process on 127.0.0.1, with a request log."""
+    """moto's S3 server in a child process on 127.0.0.1, with a request log.
+
+    It accepts only requests signed with its access key (``storage_options`` and ``env`` carry
+    it), so a client with wrong credentials is refused as S3 would refuse it.
+    """
 
     def __init__(self, port: int | None = None, log_dir: str | None = None) -> None:
         self.port = port or free_port()
@@ -118,6 +122,8 @@ class S3Server:
                 str(self.port),
                 "--log",
                 self.log_path,
+                "--access-key",
+                ACCESS_KEY,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -184,10 +190,15 @@ class S3Server:
     def clear_requests(self) -> None:
         open(self.log_path, "w").close()
 
-    def set_faults(self, rate: float, kinds: str = "503,500,reset", seed: int = 0) -> dict[str, Any]:
-        """Fail ``rate`` of the requests from now on with 503 SlowDown, 500 or a cut
-        connection (``kinds``); ``rate=0`` stops. Returns the server's fault counters."""
-        query = urllib.parse.urlencode({"rate": rate, "kinds": kinds, "seed": seed, "reset_counts": 1})
+    def set_faults(
+        self, rate: float, kinds: str = "503,500,reset", seed: int = 0, methods: str = ""
+    ) -> dict[str, Any]:
+        """Fail ``rate`` of the requests from now on with 503 SlowDown, 500, 403 AccessDenied
+        or a cut connection (``kinds``), optionally only those with some HTTP ``methods``
+        (e.g. "PUT"); ``rate=0`` stops. Returns the server's fault counters."""
+        query = urllib.parse.urlencode(
+            {"rate": rate, "kinds": kinds, "seed": seed, "methods": methods, "reset_counts": 1}
+        )
         with urllib.request.urlopen(f"{self.endpoint_url}/__faults?{query}", timeout=10) as response:
             return dict(json.loads(response.read()))
 

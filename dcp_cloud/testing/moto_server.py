@@ -6,7 +6,9 @@ appended to FILE as one JSON line ``{"method", "path", "query", "status"}``, wri
 response starts, so tests can prove from the server's side what a client sent, and in what order.
 
 Faults are switched on at run time with ``GET /__faults?rate=0.1&kinds=503,500,reset&seed=1``
-(``rate=0`` switches them off; ``GET /__faults`` returns the counts so far as JSON). A faulted
+(``rate=0`` switches them off; ``methods=PUT`` limits them to some methods; ``GET /__faults``
+returns the counts so far as JSON); kind ``403`` answers AccessDenied. With ``--access-key``,
+requests signed with any other key get ``403 InvalidAccessKeyId``, as S3 answers them. A faulted
 request gets a ``503 SlowDown`` or ``500 InternalError`` answer without reaching the store, or
 its connection is cut: before the request is processed for uploads, halfway through the body
 for downloads. What the clients see is what real S3 sends under load.
@@ -63,14 +65,28 @@ _STATUS = {
         "InternalError",
         "We encountered an internal error. Please try again.",
     ),
+    "403": ("403 Forbidden", "AccessDenied", "Access Denied"),
 }
+_BAD_KEY = (
+    "403 Forbidden",
+    "InvalidAccessKeyId",
+    "The AWS Access Key Id you provided does not exist in our records.",
+)
+
+
+def _error_response(start_response: Callable[..., Any], status: str, code: str, message: str) -> list[bytes]:
+    body = _ERROR_BODY.format(code=code, message=message).encode()
+    start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+    return [body]
 
 
 class FaultInjector:
     """WSGI middleware that fails a chosen fraction of requests, as an overloaded S3 would."""
 
-    def __init__(self, app: WsgiApp) -> None:
+    def __init__(self, app: WsgiApp, access_key: str | None = None) -> None:
         self.app = app
+        self.access_key = access_key
+        self.methods: set[str] = set()
         self.rate = 0.0
         self.kinds = ["503", "500", "reset"]
         self.random = random.Random(0)
@@ -84,14 +100,18 @@ class FaultInjector:
                 self.rate = float(params["rate"][0])
             if "kinds" in params:
                 self.kinds = [k for k in params["kinds"][0].split(",") if k]
+            if "methods" in params:
+                self.methods = {m for m in params["methods"][0].upper().split(",") if m}
             if "seed" in params:
                 self.random = random.Random(int(params["seed"][0]))
             if "reset_counts" in params:
                 self.counts = {"requests": 0}
 
-    def _draw(self) -> str | None:
+    def _draw(self, method: str) -> str | None:
         with self._lock:
             self.counts["requests"] += 1
+            if self.methods and method not in self.methods:
+                return None
             if self.rate <= 0 or self.random.random() >= self.rate:
                 return None
             kind = self.random.choice(self.kinds)
@@ -105,12 +125,11 @@ class FaultInjector:
                 body = json.dumps({"rate": self.rate, "kinds": self.kinds, **self.counts}).encode()
             start_response("200 OK", [("Content-Type", "application/json")])
             return [body]
-        kind = self._draw()
+        if self.access_key and f"Credential={self.access_key}/" not in environ.get("HTTP_AUTHORIZATION", ""):
+            return _error_response(start_response, *_BAD_KEY)
+        kind = self._draw(environ.get("REQUEST_METHOD", ""))
         if kind in _STATUS:
-            status, code, message = _STATUS[kind]
-            body = _ERROR_BODY.format(code=code, message=message).encode()
-            start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
-            return [body]
+            return _error_response(start_response, *_STATUS[kind])
         if kind == "reset":
             if environ.get("REQUEST_METHOD") == "GET":
                 return self._cut_midway(environ, start_response)
@@ -140,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log", default=None, help="JSON-lines request log")
+    parser.add_argument("--access-key", default=None, help="refuse requests signed with another key")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("MOTO_PORT", str(args.port))
@@ -149,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     app: WsgiApp = DomainDispatcherApplication(create_backend_app)
     if args.log:
         app = RequestLog(app, args.log)
-    app = FaultInjector(app)
+    app = FaultInjector(app, access_key=args.access_key)
     run_simple(args.host, args.port, app, threaded=True)
 
 
