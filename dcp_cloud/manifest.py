@@ -34,6 +34,8 @@ class Manifest:
     created: float = field(default_factory=time.time)
     torch_version: str = ""
     dcp_cloud_version: str = ""
+    #: objects of the checkpoint this save replaced, deleted when the next save commits
+    replaced: set[str] = field(default_factory=set)
 
     def object_size(self, key: str) -> int:
         return max((r.offset + r.length for r in self.objects.get(key, ())), default=0)
@@ -54,6 +56,7 @@ class Manifest:
             "created": self.created,
             "torch_version": self.torch_version,
             "dcp_cloud_version": self.dcp_cloud_version,
+            "replaced": sorted(self.replaced),
             "objects": {
                 key: {
                     "size": self.object_size(key),
@@ -84,4 +87,5 @@ class Manifest:
             created=float(doc.get("created", 0.0)),
             torch_version=doc.get("torch_version", ""),
             dcp_cloud_version=doc.get("dcp_cloud_version", ""),
+            replaced=set(doc.get("replaced", [])),
         )

@@ -58,6 +58,19 @@ class _WrittenItem:
     crc32c: int
 
 
+def _keys_of(metadata: Metadata) -> set[str]:
+    """Every object a committed checkpoint needs: its data objects, and its manifest."""
+    keys = {
+        info.relative_path
+        for info in (metadata.storage_data or {}).values()
+        if isinstance(getattr(info, "relative_path", None), str)
+    }
+    save_id = getattr(metadata.storage_meta, "save_id", None)
+    if save_id and any(layout.save_id_of_key(k) == save_id for k in keys):
+        keys.add(layout.manifest_key(save_id))
+    return keys
+
+
 def _estimated_size(item: WriteItem) -> int:
     """Bytes an item's tensor will take (0 for pickled objects, whose size is unknown)."""
     if item.tensor_data is None:
@@ -247,6 +260,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         if previous is not None and not self.overwrite:
             self._discard(manifest)
             raise self._exists_error(key)
+        if previous is not None:
+            manifest.replaced = _keys_of(previous)
         store.run(store.put(layout.manifest_key(prefix.save_id), manifest.to_json()))
         try:
             store.run(store.put(key, pickle.dumps(metadata, protocol=4), if_absent=not self.overwrite))
@@ -255,7 +270,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             self._discard(manifest)
             raise self._exists_error(key) from None
         if previous is not None:
-            self._delete_replaced(previous, metadata)
+            self._delete_generation_before(previous, metadata)
 
         recorder = self._recorder or StatsRecorder("save", store.url, store.counter)
         recorder.stats.bytes = manifest.total_bytes
@@ -368,21 +383,30 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
                 "%s: could not remove the objects of the save that did not commit: %s", self.store.url, exc
             )
 
-    def _delete_replaced(self, previous: Metadata, current: Metadata) -> None:
-        """Delete the replaced save's objects; failures only leave debris for gc."""
-        keep = {info.relative_path for info in (current.storage_data or {}).values()}
-        old_keys = {getattr(info, "relative_path", None) for info in (previous.storage_data or {}).values()}
-        doomed = sorted(k for k in old_keys if isinstance(k, str) and k not in keep)
-        old_save_id = getattr(previous.storage_meta, "save_id", None)
-        if old_save_id and any(layout.save_id_of_key(k) == old_save_id for k in doomed):
-            doomed.append(layout.manifest_key(old_save_id))
+    def _delete_generation_before(self, previous: Metadata, current: Metadata) -> None:
+        """Delete what the replaced checkpoint had itself replaced.
+
+        The checkpoint just replaced stays whole, so a load that read its ``.metadata`` before
+        this commit still finishes with that version; the one before it goes now. Failures
+        only leave debris that gc removes.
+        """
+        previous_id = getattr(previous.storage_meta, "save_id", None)
+        if not previous_id:
+            return
+        try:
+            data = self.store.run(self.store.get(layout.manifest_key(previous_id)))
+            previous_manifest = Manifest.from_json(data)
+        except (FileNotFoundError, ValueError):
+            return  # not written by dcp_cloud: nothing recorded about what it replaced
+        keep = _keys_of(current) | _keys_of(previous)
+        doomed = sorted(k for k in previous_manifest.replaced if k not in keep)
         if not doomed:
             return
         try:
             self.store.run(self.store.delete(doomed))
         except Exception as exc:
             logger.warning(
-                "%s: the new checkpoint is committed, but deleting %d objects of the replaced "
+                "%s: the new checkpoint is committed, but deleting %d objects of an older "
                 "one failed (%s); `dcp-cloud gc` removes them later",
                 self.store.url,
                 len(doomed),

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
 from dcp_cloud import CheckpointExistsError, UploadError
 from dcp_cloud.store import open_store
@@ -53,10 +53,14 @@ def test_metadata_put_is_the_last_write_of_a_save(s3_target: Target) -> None:
     assert all(r.kind not in WRITES for r in requests[last + 1 :])
 
 
-def test_overwrite_keeps_old_loadable_until_commit_then_deletes_it(s3_target: Target) -> None:
-    dcp.save(_state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+def _data_keys(store: Any) -> set[str]:
+    return {o.key for o in store.run(store.list_objects("")) if o.key != ".metadata"}
+
+
+def test_overwrite_touches_no_committed_object_and_keeps_one_generation(s3_target: Target) -> None:
     store = open_store(s3_target.url, s3_target.storage_options)
-    old_keys = {o.key for o in store.run(store.list_objects(""))}
+    dcp.save(_state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+    first = _data_keys(store)
     s3_target.server.clear_requests()
 
     dcp.save(_state(2.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
@@ -64,15 +68,43 @@ def test_overwrite_keeps_old_loadable_until_commit_then_deletes_it(s3_target: Ta
     commit = max(
         i for i, r in enumerate(requests) if r.kind == "put_object" and r.path.endswith("/.metadata")
     )
-    # no request before the commit touched the old save's objects
-    old_data = {k for k in old_keys if k != ".metadata"}
+    # nothing before the commit wrote to or deleted an object of the committed checkpoint
     for r in requests[:commit]:
-        assert not any(r.path.endswith("/" + k) for k in old_data if r.kind != "get_object"), r
-    # the old save's objects are deleted after the commit
-    assert any(r.kind == "delete_objects" for r in requests[commit + 1 :])
-    new_keys = {o.key for o in store.run(store.list_objects(""))}
-    assert not (old_data & new_keys), "old data objects were not cleaned up"
+        assert r.kind == "get_object" or not any(r.path.endswith("/" + k) for k in first), r
+    second = _data_keys(store) - first
+    assert first <= _data_keys(store), "the replaced version must stay whole for loads in flight"
     assert _load(s3_target)["tag"] == 2.0
+
+    dcp.save(_state(3.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+    remaining = _data_keys(store)
+    assert not (first & remaining), "the generation before the replaced one was not deleted"
+    assert second <= remaining
+    assert any(r.kind == "delete_objects" for r in _ckpt_requests(s3_target)[commit + 1 :])
+    assert _load(s3_target)["tag"] == 3.0
+
+
+class _OverwriteWhilePlanning(DefaultLoadPlanner):
+    """A load planner that lets a writer overwrite the checkpoint after the load read
+    ``.metadata`` and before it reads any data: the race a reader can lose."""
+
+    def __init__(self, overwrite: Any) -> None:
+        super().__init__()
+        self._overwrite = overwrite
+
+    def create_local_plan(self) -> Any:
+        self._overwrite()
+        return super().create_local_plan()
+
+
+def test_a_load_racing_an_overwrite_gets_one_whole_version(target: Target) -> None:
+    dcp.save(_state(1.0), storage_writer=target.writer())
+    dcp.save(_state(2.0), storage_writer=target.writer())
+    out = {"big": torch.zeros(3 * 1024 * 1024), "small": torch.zeros(10), "tag": None}
+    planner = _OverwriteWhilePlanning(lambda: dcp.save(_state(3.0), storage_writer=target.writer()))
+    dcp.load(out, storage_reader=target.reader(), planner=planner)
+    assert out["tag"] == 2.0
+    assert set(out["big"].unique().tolist()) == {2.0} and set(out["small"].unique().tolist()) == {2.0}
+    assert _load(target)["tag"] == 3.0
 
 
 def test_overwrite_false_refuses_an_existing_checkpoint(target: Target) -> None:
