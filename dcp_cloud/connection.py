@@ -47,6 +47,7 @@ class StoreConnection:
                 self.filesystem,
                 self.options.max_concurrency,
                 self.options.max_attempts,
+                self.options.deadline,
             )
         return self._store
 

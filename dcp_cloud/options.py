@@ -28,6 +28,7 @@ class TransferOptions:
             with one request (the gap is read and discarded).
         max_attempts: tries per request, retries included, for throttling (503 SlowDown),
             5xx answers, timeouts and broken connections, with jittered exponential backoff.
+        deadline: seconds one request may take, its retries included; None for no limit.
     """
 
     part_size: int = 16 * MiB
@@ -36,6 +37,7 @@ class TransferOptions:
     object_size: int = 128 * MiB
     coalesce_gap: int = 1 * MiB
     max_attempts: int = 10
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
@@ -55,6 +57,8 @@ class TransferOptions:
                 f"object_size={self.object_size} must lie between part_size ({self.part_size}) "
                 f"and part_size * 10,000 ({self.max_object_size})"
             )
+        if self.deadline is not None and self.deadline <= 0:
+            raise ValueError(f"deadline must be a positive number of seconds, got {self.deadline}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.coalesce_gap < 0:

@@ -61,6 +61,8 @@ class CloudStorageReader(StoreConnection, StorageReader):
         memory_budget: bytes of fetched-but-undecoded data held at once (an item larger than
             the budget is fetched alone).
         coalesce_gap: neighbouring items closer than this many bytes are fetched together.
+        max_attempts: tries per request, retries included.
+        deadline: seconds one request may take, retries included (default: no limit).
         verify_checksums: check each item's CRC32C against the manifest (dcp_cloud
             checkpoints); a mismatch raises :class:`CorruptCheckpointError`.
     """
@@ -76,6 +78,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
         memory_budget: int = TransferOptions.memory_budget,
         coalesce_gap: int = TransferOptions.coalesce_gap,
         max_attempts: int = TransferOptions.max_attempts,
+        deadline: float | None = TransferOptions.deadline,
         verify_checksums: bool = True,
     ) -> None:
         options = TransferOptions(
@@ -84,6 +87,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
             memory_budget=memory_budget,
             coalesce_gap=coalesce_gap,
             max_attempts=max_attempts,
+            deadline=deadline,
         )
         StoreConnection.__init__(self, url, storage_options, filesystem, options)
         self.verify_checksums = verify_checksums

@@ -131,6 +131,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         object_size: a rank starts a new data object past this many bytes.
         max_attempts: tries per request, retries included (throttling, 5xx, broken
             connections), with jittered exponential backoff.
+        deadline: seconds one request may take, retries included (default: no limit).
         overwrite: when False, saving where a checkpoint is already committed raises
             :class:`CheckpointExistsError` (checked before uploading, and enforced at the
             commit by a conditional PUT where the store supports one).
@@ -151,6 +152,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         memory_budget: int = TransferOptions.memory_budget,
         object_size: int = TransferOptions.object_size,
         max_attempts: int = TransferOptions.max_attempts,
+        deadline: float | None = TransferOptions.deadline,
         overwrite: bool = True,
         key_prefix: Callable[[int], str] | None = None,
     ) -> None:
@@ -160,6 +162,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             memory_budget=memory_budget,
             object_size=object_size,
             max_attempts=max_attempts,
+            deadline=deadline,
         )
         StoreConnection.__init__(self, url, storage_options, filesystem, options)
         self.overwrite = overwrite

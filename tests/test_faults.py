@@ -14,7 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dcp_cloud import BucketNotFoundError, CloudStorageReader, CloudStorageWriter
 from dcp_cloud.testing import S3Server
 
-from .helpers import assert_same, failure_types
+from .helpers import assert_same, failure_text, failure_types
 
 MiB = 1024 * 1024
 
@@ -118,3 +118,24 @@ def test_attempts_are_configurable(faulty_server: S3Server) -> None:
         faulty_server.set_faults(0.0)
     assert counts["503"] == 2, counts  # exactly max_attempts tries of the first request
     assert time.monotonic() - start < 10
+
+
+def test_deadline_bounds_a_request_and_its_retries(faulty_server: S3Server) -> None:
+    faulty_server.set_faults(1.0, kinds="503", seed=2)
+    try:
+        start = time.monotonic()
+        with pytest.raises(CheckpointException) as info:
+            dcp.save(
+                {"x": torch.ones(4)},
+                storage_writer=CloudStorageWriter(
+                    "s3://faulty/deadline",
+                    storage_options=faulty_server.storage_options,
+                    max_attempts=100,
+                    deadline=2.0,
+                ),
+            )
+        elapsed = time.monotonic() - start
+    finally:
+        faulty_server.set_faults(0.0)
+    assert "deadline" in failure_text(info.value)
+    assert 1.5 < elapsed < 15

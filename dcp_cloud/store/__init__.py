@@ -35,10 +35,12 @@ def open_store(
     filesystem: AbstractFileSystem | None = None,
     max_concurrency: int = 16,
     max_attempts: int = 10,
+    deadline: float | None = None,
 ) -> ObjectStore:
     """The store for ``url``: S3 via s3fs, local folders, or any other fsspec filesystem.
 
-    ``max_attempts`` bounds the tries of each request (botocore's standard retry mode for S3).
+    ``max_attempts`` bounds the tries of each request (botocore's standard retry mode for S3);
+    ``deadline`` bounds the seconds each request may take, its retries included.
     """
     url = os.fspath(url)
     if not url:
@@ -81,13 +83,17 @@ def open_store(
 
     from fsspec.implementations.local import LocalFileSystem
 
+    store: ObjectStore
     if isinstance(filesystem, LocalFileSystem):
-        return LocalStore(shown, root, max_concurrency)
-    if type(filesystem).__name__ == "S3FileSystem":
+        store = LocalStore(shown, root, max_concurrency)
+    elif type(filesystem).__name__ == "S3FileSystem":
         from .s3 import S3Store
 
         bucket = filesystem.split_path(root)[0]
         if not bucket:
             raise StoreConfigError(f"{shown}: the URL names no bucket; use s3://BUCKET/PREFIX")
-        return S3Store(filesystem, shown, root, max_concurrency, max_attempts)
-    return FsspecStore(filesystem, shown, root, max_concurrency)
+        store = S3Store(filesystem, shown, root, max_concurrency, max_attempts)
+    else:
+        store = FsspecStore(filesystem, shown, root, max_concurrency)
+    store.deadline = deadline
+    return store

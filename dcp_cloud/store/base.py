@@ -67,6 +67,8 @@ class ObjectStore(abc.ABC):
         self.root = root.rstrip("/")
         self.max_concurrency = max_concurrency
         self.counter = RequestCounter()
+        #: seconds one request may take, retries included (None: no limit)
+        self.deadline: float | None = None
         self._semaphore: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
@@ -96,7 +98,15 @@ class ObjectStore(abc.ABC):
         """Await one store request under the concurrency bound, counting it."""
         async with self._slots():
             self.counter.request(kind)
-            return await coro
+            if self.deadline is None:
+                return await coro
+            try:
+                return await asyncio.wait_for(coro, self.deadline)
+            except asyncio.TimeoutError:
+                raise TimeoutError(
+                    f"{self.url}: a {kind} request did not finish within the {self.deadline:g} s "
+                    "deadline (retries included); raise `deadline`, or check the store's health"
+                ) from None
 
     # -- the operations -----------------------------------------------------------------------
 
