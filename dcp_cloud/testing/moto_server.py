@@ -43,6 +43,8 @@ class RequestLog:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "")
         path = environ.get("PATH_INFO", "")
+        if path == "/__faults":  # the test harness talking to the fault injector
+            return self.app(environ, start_response)
         query = environ.get("QUERY_STRING", "")
 
         def logged_start(status: str, headers: list[Any], *args: Any) -> Any:
@@ -167,9 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
     app: WsgiApp = DomainDispatcherApplication(create_backend_app)
+    # The log sits outside the fault injector: refused and failed requests are recorded too.
+    app = FaultInjector(app, access_key=args.access_key)
     if args.log:
         app = RequestLog(app, args.log)
-    app = FaultInjector(app, access_key=args.access_key)
     run_simple(args.host, args.port, app, threaded=True)
 
 
