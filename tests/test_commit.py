@@ -184,3 +184,10 @@ def test_a_part_that_fails_to_upload_aborts_the_multipart_upload(
     assert not [u for u in uploads if u["Key"].startswith(prefix)], "a multipart upload was left open"
     monkeypatch.undo()
     assert _load(s3_target)["tag"] == 1.0
+
+
+def test_uploads_carry_checksums_the_server_can_check(s3_target: Target) -> None:
+    s3_target.server.clear_requests()
+    dcp.save(_state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+    uploads = [r for r in _ckpt_requests(s3_target) if r.kind in ("upload_part", "put_object")]
+    assert uploads and all(r.checksums for r in uploads), [(r.kind, r.checksums) for r in uploads]

@@ -285,3 +285,49 @@ def test_extra_keys_in_the_checkpoint_load_with_partial_planner(target: Target) 
     out = {"w": torch.zeros(64, 64)}
     dcp.load(out, storage_reader=target.reader(), planner=DefaultLoadPlanner(allow_partial_load=True))
     assert torch.equal(out["w"], state["w"])
+
+
+def test_every_field_of_dcp_metadata_passes_the_safe_unpickler() -> None:
+    from pathlib import PurePosixPath
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from dcp_cloud.safe_pickle import load_metadata
+
+    props = TensorProperties(
+        dtype=torch.bfloat16,
+        layout=torch.strided,
+        requires_grad=True,
+        memory_format=torch.channels_last,
+        pin_memory=False,
+    )
+    chunk = ChunkStorageMetadata(offsets=torch.Size([0, 0, 0, 0]), sizes=torch.Size([1, 2, 3, 4]))
+    metadata = Metadata(
+        state_dict_metadata={
+            "t": TensorStorageMetadata(properties=props, size=torch.Size([1, 2, 3, 4]), chunks=[chunk]),
+            "b": BytesStorageMetadata(),
+        },
+        planner_data={"t": ("t",), "b": ("b", 0, "x")},
+        storage_data={
+            MetadataIndex("t", torch.Size([0, 0, 0, 0]), 0): _StorageInfo("x/__0_0.distcp", 0, 10),
+            MetadataIndex("b"): _StorageInfo("x/__0_0.distcp", 64, 5, ["zstd"]),
+        },
+        storage_meta=StorageMeta(
+            checkpoint_id=PurePosixPath("/ckpt"), save_id="s", load_id="l", modules=["m"]
+        ),
+        version="1.0.0",
+    )
+    loaded = load_metadata(pickle.dumps(metadata, protocol=2), "test") and load_metadata(
+        pickle.dumps(metadata), "test"
+    )
+    assert loaded.state_dict_metadata["t"].properties.memory_format == torch.channels_last
+    assert loaded.storage_data == metadata.storage_data and loaded.planner_data == metadata.planner_data

@@ -79,7 +79,9 @@ def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest,
     young = collect_garbage(target.url, storage_options=target.storage_options)
     assert young.deleted == [] and young.aborted_uploads == []  # within the grace period: untouched
 
-    preview = collect_garbage(target.url, storage_options=target.storage_options, grace_seconds=0, dry_run=True)
+    preview = collect_garbage(
+        target.url, storage_options=target.storage_options, grace_seconds=0, dry_run=True
+    )
     assert set(preview.deleted) == orphans and len(preview.aborted_uploads) == len(open_uploads)
     assert len(store.run(store.list_uploads(""))) == len(open_uploads)  # the dry run aborted nothing
 
@@ -124,3 +126,26 @@ def test_gc_leaves_foreign_files_alone(s3_target: Target) -> None:
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/__0_0.distcp", Body=b"torch's")
     report = collect_garbage(s3_target.url, storage_options=s3_target.storage_options, grace_seconds=0)
     assert report.deleted == []
+
+
+def test_gc_never_touches_a_save_in_progress(s3_target: Target) -> None:
+    dcp.save(state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen(
+        [sys.executable, CHILD, "ours", s3_target.url, json.dumps(s3_target.storage_options), "2.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stdout is not None and child.stdout.readline().strip() == "READY"
+    store = open_store(s3_target.url, s3_target.storage_options)
+    deadline = time.monotonic() + 60
+    while not _upload_has_data(s3_target, store):
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.005)
+    report = collect_garbage(s3_target.url, storage_options=s3_target.storage_options)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0 and "DONE" in out, err[-2000:]
+    assert report.aborted_uploads == [] and report.deleted == []
+    assert _load_value(s3_target) == {2.0}

@@ -47,6 +47,7 @@ class ServerRequest:
     path: str
     query: str
     status: int
+    checksums: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -183,7 +184,8 @@ class S3Server:
         """Every request the server answered so far, in order."""
         try:
             with open(self.log_path) as log:
-                return [ServerRequest(**json.loads(line)) for line in log if line.strip()]
+                records = [json.loads(line) for line in log if line.strip()]
+            return [ServerRequest(**{**r, "checksums": tuple(r.get("checksums", ()))}) for r in records]
         except FileNotFoundError:
             return []
 

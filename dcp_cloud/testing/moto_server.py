@@ -2,7 +2,8 @@
 and fault injection.
 
 Run as ``python -m dcp_cloud.testing.moto_server --port P [--log FILE]``. Every request is
-appended to FILE as one JSON line ``{"method", "path", "query", "status"}``, written when the
+appended to FILE as one JSON line ``{"method", "path", "query", "status", "checksums"}``
+(``checksums``: the integrity headers the client sent), written when the
 response starts, so tests can prove from the server's side what a client sent, and in what order.
 
 Faults are switched on at run time with ``GET /__faults?rate=0.1&kinds=503,500,reset&seed=1``
@@ -46,9 +47,21 @@ class RequestLog:
         if path == "/__faults":  # the test harness talking to the fault injector
             return self.app(environ, start_response)
         query = environ.get("QUERY_STRING", "")
+        # which integrity headers the client sent (x-amz-checksum-crc32, content-md5, ...)
+        checksums = sorted(
+            name[5:].lower().replace("_", "-")
+            for name in environ
+            if name.startswith("HTTP_X_AMZ_CHECKSUM_") or name == "HTTP_CONTENT_MD5"
+        )
 
         def logged_start(status: str, headers: list[Any], *args: Any) -> Any:
-            record = {"method": method, "path": path, "query": query, "status": int(status[:3])}
+            record = {
+                "method": method,
+                "path": path,
+                "query": query,
+                "status": int(status[:3]),
+                "checksums": checksums,
+            }
             with self._lock, open(self.path, "a") as log:
                 log.write(json.dumps(record) + "\n")
             return start_response(status, headers, *args)

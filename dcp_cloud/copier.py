@@ -1,0 +1,225 @@
+"""Copying a committed checkpoint between any two stores, with the destination's commit last.
+
+The data objects and the manifest are copied in parallel (large objects as multipart uploads of
+ranged reads, ``part_size`` bytes at a time), and ``.metadata`` is written at the destination
+only after all of them are in place: until then the destination shows nothing new, exactly as
+after a save that has not committed. Objects of replaced generations and debris are not copied.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fsspec import AbstractFileSystem
+from torch.distributed.checkpoint.metadata import Metadata
+
+from . import layout
+from .errors import CheckpointExistsError, CorruptCheckpointError, DcpCloudError
+from .info import read_metadata
+from .manifest import Manifest
+from .options import MiB
+from .safe_pickle import load_metadata
+from .store import ObjectStore, open_store
+
+
+@dataclass
+class CopyReport:
+    """What ``copy_checkpoint`` copied."""
+
+    src: str
+    dst: str
+    objects: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    replaced: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def data_keys(metadata: Metadata) -> set[str]:
+    """The data objects that committed metadata points to."""
+    return {
+        info.relative_path
+        for info in (metadata.storage_data or {}).values()
+        if isinstance(getattr(info, "relative_path", None), str)
+    }
+
+
+def _manifest_bytes(
+    src: ObjectStore, metadata: Metadata, keys: set[str], replaced: set[str]
+) -> tuple[str, bytes] | None:
+    """The source manifest, rewritten to record what it replaces at the destination."""
+    save_id = getattr(metadata.storage_meta, "save_id", None)
+    if not save_id or not any(layout.save_id_of_key(k) == save_id for k in keys):
+        return None
+    key = layout.manifest_key(save_id)
+    try:
+        data = src.run(src.get(key))
+    except FileNotFoundError:
+        return None
+    try:
+        manifest = Manifest.from_json(data)
+    except ValueError:
+        return key, data
+    manifest.replaced = replaced - keys - {key}
+    return key, manifest.to_json()
+
+
+def _previous(dst: ObjectStore, overwrite: bool) -> Metadata | None:
+    """The checkpoint committed at the destination (refused unless ``overwrite``)."""
+    try:
+        data = dst.run(dst.get(layout.METADATA_KEY))
+    except FileNotFoundError:
+        return None
+    if not overwrite:
+        raise CheckpointExistsError(
+            f"{dst.url}: a checkpoint is already committed there. Pick another destination, or "
+            "pass overwrite=True (--overwrite) to replace it."
+        )
+    try:
+        return load_metadata(data, f"{dst.url}/{layout.METADATA_KEY}")
+    except DcpCloudError:
+        return None
+
+
+def copy_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+    filesystem: AbstractFileSystem | None = None,
+    dst_filesystem: AbstractFileSystem | None = None,
+    overwrite: bool = False,
+    part_size: int = 16 * MiB,
+    max_concurrency: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> CopyReport:
+    """Copy the committed checkpoint at ``src`` to ``dst`` (any two URLs or local folders).
+
+    ``dst_storage_options`` defaults to ``storage_options``. Raises
+    :class:`CheckpointNotFoundError` when ``src`` has no ``.metadata``,
+    :class:`CorruptCheckpointError` when an object it references is missing, and
+    :class:`CheckpointExistsError` when ``dst`` holds a committed checkpoint and not
+    ``overwrite``. A replaced destination checkpoint's objects are left for the next save or
+    ``collect_garbage`` to remove, so loads still reading it finish.
+    """
+    started = time.monotonic()
+    source = open_store(src, storage_options, filesystem, max_concurrency)
+    options = storage_options if dst_storage_options is None else dst_storage_options
+    target = open_store(dst, options, dst_filesystem, max_concurrency)
+    report = CopyReport(src=source.url, dst=target.url)
+
+    try:
+        metadata_bytes = source.run(source.get(layout.METADATA_KEY))
+    except FileNotFoundError:
+        read_metadata(source)  # raises the error that says what is there instead
+        raise
+    metadata = load_metadata(metadata_bytes, f"{source.url}/{layout.METADATA_KEY}")
+    keys = data_keys(metadata)
+    sizes = {o.key: o.size for o in source.run(source.list_objects(""))}
+    missing = sorted(k for k in keys if k not in sizes)
+    if missing:
+        raise CorruptCheckpointError(
+            f"{source.url}: {len(missing)} data objects that .metadata references are missing "
+            f"(first: {missing[0]}); not copying a damaged checkpoint. Run `dcp-cloud verify`."
+        )
+    previous = _previous(target, overwrite)
+    report.replaced = previous is not None
+    existing = {o.key for o in target.run(target.list_objects(""))}
+    manifest = _manifest_bytes(source, metadata, keys, data_keys(previous) if previous else set())
+
+    copied: list[str] = []
+    try:
+        _copy_objects(source, target, sorted(keys), sizes, part_size, max_concurrency, progress, copied)
+        if manifest is not None:
+            target.run(target.put(manifest[0], manifest[1]))
+            copied.append(manifest[0])
+        target.run(target.put(layout.METADATA_KEY, metadata_bytes))  # the commit, last
+    except BaseException:
+        fresh = [k for k in copied if k not in existing]
+        if fresh:
+            try:
+                target.run(target.delete(fresh))
+            except Exception:  # debris for gc; the copy failed either way
+                pass
+        raise
+    report.objects = len(copied) + 1
+    report.bytes = sum(sizes[k] for k in keys)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _copy_objects(
+    source: ObjectStore,
+    target: ObjectStore,
+    keys: list[str],
+    sizes: dict[str, int],
+    part_size: int,
+    workers: int,
+    progress: Callable[[int], None] | None,
+    copied: list[str],
+) -> None:
+    """Copy ``keys`` with ``workers`` byte-moving threads; objects over ``part_size`` go as
+    multipart uploads. Appends each completed key to ``copied``."""
+
+    def whole(key: str) -> None:
+        data = source.run(source.get(key))
+        target.run(target.put(key, data))
+        if progress is not None:
+            progress(len(data))
+
+    def part(upload: Any, number: int, start: int, end: int) -> None:
+        data = source.run(source.get_range(upload.key, start, end))
+        if len(data) != end - start:
+            raise CorruptCheckpointError(
+                f"{source.url}/{upload.key}: read {len(data)} of {end - start} bytes at offset "
+                f"{start}; the object changed or is truncated"
+            )
+        target.run(target.upload_part(upload, number, start, data))
+        if progress is not None:
+            progress(len(data))
+
+    with (
+        concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dcp-cp-io") as io_pool,
+        concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dcp-cp-obj") as obj_pool,
+    ):
+
+        def one(key: str) -> str:
+            size = sizes[key]
+            if size <= part_size:
+                io_pool.submit(whole, key).result()
+                return key
+            upload = target.run(target.start_upload(key))
+            try:
+                ranges = [(a, min(a + part_size, size)) for a in range(0, size, part_size)]
+                parts = [io_pool.submit(part, upload, n, a, b) for n, (a, b) in enumerate(ranges, 1)]
+                concurrent.futures.wait(parts)
+                for future in parts:
+                    future.result()
+                target.run(target.complete_upload(upload))
+            except BaseException:
+                target.run(target.abort_upload(upload))
+                raise
+            return key
+
+        futures = [obj_pool.submit(one, key) for key in keys]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                copied.append(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            for future in futures:
+                if not future.cancelled():
+                    try:
+                        copied.append(future.result())
+                    except BaseException:
+                        pass
+            raise
