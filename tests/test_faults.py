@@ -62,6 +62,7 @@ def test_ten_percent_faults_every_save_and_load_succeeds(faulty_server: S3Server
     finally:
         faulty_server.set_faults(0.0)
     injected = sum(counts.get(k, 0) for k in ("503", "500", "reset"))
+    print(f"\n10% faults: {counts['requests']} requests, injected {counts}, {retries} retries counted")
     assert injected >= 5, counts  # the faults really happened
     assert retries >= 1, "retries are not reported in the stats"
 
