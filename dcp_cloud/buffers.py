@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import mmap
 import threading
+from typing import Any
 
 
 class BufferPool:
@@ -100,3 +102,35 @@ class ReadBuffers:
         """Give a buffer back for reuse."""
         with self._lock:
             self._free.setdefault(len(buffer), []).append(buffer)
+
+
+class ViewReader(io.RawIOBase):
+    """A seekable, read-only file over a memoryview: bytes are copied out only when read."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        memoryview(buffer).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos

@@ -19,41 +19,14 @@ from typing import IO, Any, cast
 
 import torch
 
+from .buffers import ViewReader
+
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_HEADER_MAGIC = 0x04034B50
 # The widest natural alignment of a dtype torch stores (complex128). The writer starts every
 # item at a multiple of 64 bytes, and torch.save aligns records to 64 within an item, so records
 # of fetched ranges are aligned whenever the fetch buffer is (malloc gives 16).
 _ALIGNMENT = 16
-
-
-class _ViewFile(io.RawIOBase):
-    """A seekable read-only file over a memoryview."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view = view
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), len(self._view) - self._pos))
-        memoryview(buffer).cast("B")[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
 
 class _Unsupported(Exception):
@@ -114,26 +87,36 @@ class _TensorUnpickler(pickle.Unpickler):
         return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
 
 
+def _member(view: memoryview, info: zipfile.ZipInfo) -> memoryview:
+    """The stored bytes of one archive member, in place.
+
+    Read through the local header rather than ``ZipFile.read``: torch.save may leave the CRC32
+    fields at zero (dcp_cloud saves without them), which ``ZipFile.read`` rejects.
+    """
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _Unsupported("compressed member")
+    header = _LOCAL_HEADER.unpack_from(view, info.header_offset)
+    if header[0] != _LOCAL_HEADER_MAGIC:
+        raise _Unsupported("local header")
+    start = info.header_offset + _LOCAL_HEADER.size + header[9] + header[10]
+    if start + info.file_size > len(view):
+        raise _Unsupported("member past the end")
+    return view[start : start + info.file_size]
+
+
 def _records(view: memoryview) -> tuple[bytes, dict[str, memoryview]]:
     """data.pkl and the storage records of a torch.save archive, as views into ``view``."""
-    archive = zipfile.ZipFile(_ViewFile(view))
     pickle_data: bytes | None = None
     records: dict[str, memoryview] = {}
-    for info in archive.infolist():
+    for info in zipfile.ZipFile(ViewReader(view)).infolist():
         _, _, name = info.filename.partition("/")
         if name == "byteorder":
-            if archive.read(info).decode() != sys.byteorder:
+            if bytes(_member(view, info)).decode() != sys.byteorder:
                 raise _Unsupported("byte order")
         elif name == "data.pkl":
-            pickle_data = archive.read(info)
+            pickle_data = bytes(_member(view, info))
         elif name.startswith("data/"):
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise _Unsupported("compressed record")
-            header = _LOCAL_HEADER.unpack_from(view, info.header_offset)
-            if header[0] != _LOCAL_HEADER_MAGIC:
-                raise _Unsupported("local header")
-            start = info.header_offset + _LOCAL_HEADER.size + header[9] + header[10]
-            records[name[len("data/") :]] = view[start : start + info.file_size]
+            records[name[len("data/") :]] = _member(view, info)
     if pickle_data is None:
         raise _Unsupported("no data.pkl")
     return pickle_data, records
@@ -152,4 +135,4 @@ def load_tensor(view: memoryview) -> torch.Tensor:
             return tensor
     except (_Unsupported, zipfile.BadZipFile, struct.error, pickle.UnpicklingError, ValueError, EOFError):
         pass
-    return torch.load(cast(IO[bytes], _ViewFile(view)), map_location="cpu", weights_only=True)
+    return torch.load(cast(IO[bytes], ViewReader(view)), map_location="cpu", weights_only=True)

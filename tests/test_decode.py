@@ -60,3 +60,15 @@ def test_anything_else_falls_back_to_torch_load() -> None:
     assert torch.equal(decoded, torch.arange(4)[None].expand(3, 4))
     with pytest.raises(pickle.UnpicklingError):
         load_tensor(memoryview(b"not a zip archive"))
+
+
+def test_archives_saved_without_crc32_are_decoded_in_place() -> None:
+    torch.serialization.set_crc32_options(False)
+    try:
+        data = bytearray(_saved(torch.arange(1000, dtype=torch.float64)))
+    finally:
+        torch.serialization.set_crc32_options(True)
+    decoded = load_tensor(memoryview(data))
+    base = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    assert base <= decoded.data_ptr() < base + len(data), "fell back to torch.load"
+    assert torch.equal(decoded, torch.arange(1000, dtype=torch.float64))

@@ -13,7 +13,6 @@ ranged reads retry that case themselves with tenacity.
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,47 +22,12 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3fs.errors import translate_boto_error
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from ..buffers import ViewReader
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
 from .fsspec_store import FsspecStore
 
 T = TypeVar("T")
-
-
-class _BodyReader(io.RawIOBase):
-    """A request body read straight from our part buffer.
-
-    botocore takes bytes or a file; a file avoids the copies aiohttp makes of a bytes-like
-    body (slicing it, joining it with the headers) and is read in chunks as it is sent.
-    """
-
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        super().__init__()
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
-
-    def __len__(self) -> int:
-        return len(self._view)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), len(self._view) - self._pos))
-        memoryview(buffer).cast("B")[:n] = self._view[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
 
 class IncompleteBody(ConnectionError):
@@ -278,7 +242,7 @@ class S3Store(FsspecStore):
             Key=self.s3_key(upload.key),
             UploadId=upload.state,
             PartNumber=part_number,
-            Body=_BodyReader(data),
+            Body=ViewReader(data),
         )
         upload.parts[part_number] = response["ETag"]
 
