@@ -8,6 +8,9 @@ dcp.load(state_dict, storage_reader=CloudStorageReader("s3://bucket/run1/step-10
 """
 
 from ._version import __version__
+from .catalog import CheckpointSummary, list_checkpoints
+from .convert import load_full_state_dict, to_safetensors, to_torch_save
+from .copier import CopyReport, copy_checkpoint
 from .errors import (
     BucketNotFoundError,
     CheckpointExistsError,
@@ -21,28 +24,45 @@ from .errors import (
     UploadError,
 )
 from .gc import GcReport, collect_garbage
+from .info import CheckpointInfo, TensorInfo, checkpoint_info
 from .layout import HashPrefix, ReversedRankPrefix
+from .manager import CheckpointManager
 from .reader import CloudStorageReader
 from .stats import TransferStats
+from .verify import Problem, VerifyReport, verify_checkpoint
 from .writer import CloudStorageWriter
 
 __all__ = [
     "BucketNotFoundError",
     "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointSummary",
     "CloudStorageReader",
     "CloudStorageWriter",
+    "CopyReport",
     "CorruptCheckpointError",
     "DcpCloudError",
     "GcReport",
     "HashPrefix",
     "IncompleteCheckpointError",
+    "Problem",
     "ReversedRankPrefix",
     "StoreAccessError",
     "StoreConfigError",
+    "TensorInfo",
     "TransferStats",
     "UnsafeCheckpointError",
     "UploadError",
+    "VerifyReport",
     "__version__",
+    "checkpoint_info",
     "collect_garbage",
+    "copy_checkpoint",
+    "list_checkpoints",
+    "load_full_state_dict",
+    "to_safetensors",
+    "to_torch_save",
+    "verify_checkpoint",
 ]

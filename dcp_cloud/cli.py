@@ -81,16 +81,32 @@ def _use_progress(as_json: bool) -> bool:
     return not as_json and sys.stdout.isatty()
 
 
+class _Progress:
+    """Callbacks for the library's ``progress``/``on_total``: a tqdm byte bar on stderr when
+    stdout is a terminal (and not --json), else nothing."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def total(self, n: int) -> None:
+        self.bar.total = n
+        self.bar.refresh()
+
+
 @contextmanager
-def _progress(enabled: bool, total: int | None, desc: str) -> Iterator[Callable[[int], None] | None]:
-    """A tqdm byte counter on stderr when ``enabled`` (stdout is a terminal), else None."""
+def _progress(enabled: bool, desc: str) -> Iterator[dict[str, Any]]:
+    """Keyword arguments ``progress`` and ``on_total`` for a library call (empty when off)."""
     if not enabled:
-        yield None
+        yield {}
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
-        yield bar.update
+    with tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
+        callbacks = _Progress(bar)
+        yield {"progress": callbacks.update, "on_total": callbacks.total}
 
 
 # -- options and errors --------------------------------------------------------------------------
@@ -253,13 +269,13 @@ def verify_command(
     every item's CRC32C matches the manifest. Exits 1 naming what is wrong."""
     from .verify import verify_checkpoint
 
-    with _progress(_use_progress(as_json), None, "verify") as progress:
+    with _progress(_use_progress(as_json), "verify") as progress:
         report = verify_checkpoint(
             url,
             storage_options=storage_options,
             checksums=not no_checksums,
             max_concurrency=concurrency,
-            progress=progress,
+            **progress,
         )
     if as_json:
         _emit_json(report.to_dict())
@@ -398,7 +414,7 @@ def cp_command(
     parallel; DST's .metadata is written last, so DST is never seen half-copied."""
     from .copier import copy_checkpoint
 
-    with _progress(_use_progress(as_json), None, "copy") as progress:
+    with _progress(_use_progress(as_json), "copy") as progress:
         report = copy_checkpoint(
             src,
             dst,
@@ -407,7 +423,7 @@ def cp_command(
             overwrite=overwrite,
             part_size=part_size * 1024 * 1024,
             max_concurrency=concurrency,
-            progress=progress,
+            **progress,
         )
     if as_json:
         _emit_json(report.to_dict())

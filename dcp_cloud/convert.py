@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 from fsspec import AbstractFileSystem
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from .errors import StoreConfigError
 from .reader import CloudStorageReader
@@ -33,6 +31,10 @@ def load_full_state_dict(
 
     Nested values come back nested, as they were saved. Every item's CRC32C is checked.
     """
+    # torch's own recipe (format_utils.dcp_to_torch_save); private, so imported only here
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
     state_dict: dict[str, Any] = {}
     reader = CloudStorageReader(url, storage_options=storage_options, filesystem=filesystem, **reader_kwargs)
     _load_state_dict(state_dict, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True)

@@ -100,6 +100,7 @@ def copy_checkpoint(
     part_size: int = 16 * MiB,
     max_concurrency: int = 16,
     progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> CopyReport:
     """Copy the committed checkpoint at ``src`` to ``dst`` (any two URLs or local folders).
 
@@ -108,7 +109,8 @@ def copy_checkpoint(
     :class:`CorruptCheckpointError` when an object it references is missing, and
     :class:`CheckpointExistsError` when ``dst`` holds a committed checkpoint and not
     ``overwrite``. A replaced destination checkpoint's objects are left for the next save or
-    ``collect_garbage`` to remove, so loads still reading it finish.
+    ``collect_garbage`` to remove, so loads still reading it finish. ``progress`` is called
+    with the bytes of each transfer, ``on_total`` once with the bytes to copy.
     """
     started = time.monotonic()
     source = open_store(src, storage_options, filesystem, max_concurrency)
@@ -135,6 +137,8 @@ def copy_checkpoint(
     existing = {o.key for o in target.run(target.list_objects(""))}
     manifest = _manifest_bytes(source, metadata, keys, data_keys(previous) if previous else set())
 
+    if on_total is not None:
+        on_total(sum(sizes[k] for k in keys))
     copied: list[str] = []
     try:
         _copy_objects(source, target, sorted(keys), sizes, part_size, max_concurrency, progress, copied)

@@ -164,11 +164,12 @@ def verify_checkpoint(
     part_size: int = 8 * MiB,
     max_concurrency: int = 16,
     progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Check that the committed checkpoint at ``url`` is whole and intact (see module doc).
 
-    ``progress`` is called with the bytes of each range read (for a progress bar); its total is
-    ``report.bytes_read`` once done. Raises :class:`CheckpointNotFoundError` (or
+    ``progress`` is called with the bytes of each range read, and ``on_total`` once, before
+    reading, with about how many bytes will be read (for a progress bar). Raises :class:`CheckpointNotFoundError` (or
     :class:`IncompleteCheckpointError`) when there is no ``.metadata``; everything else found
     wrong is in ``report.problems``.
     """
@@ -223,6 +224,8 @@ def verify_checkpoint(
             if checksums and item.record is not None and item.end <= size:
                 to_read.append(item)
 
+    if on_total is not None:
+        on_total(sum(i.length for i in to_read))
     if to_read:
         _check_crcs(store, to_read, part_size, max_concurrency, report, progress)
     return report

@@ -113,8 +113,12 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        options = json.loads(os.environ.get("DCP_CLOUD_EXAMPLE_OPTIONS", "{}"))
-        train(CheckpointManager(args.url, keep_last=KEEP_LAST, storage_options=options), args.steps, "run 1")
+        child_options = json.loads(os.environ.get("DCP_CLOUD_EXAMPLE_OPTIONS", "{}"))
+        train(
+            CheckpointManager(args.url, keep_last=KEEP_LAST, storage_options=child_options),
+            args.steps,
+            "run 1",
+        )
         return
 
     with ExitStack() as stack:
