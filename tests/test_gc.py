@@ -42,13 +42,13 @@ def _upload_has_data(target: Target, store: Any) -> bool:
     return any(os.path.getsize(u.upload.state[1]) > 0 for u in uploads if os.path.exists(u.upload.state[1]))
 
 
-def _kill_mid_upload(target: Target, value: float) -> None:
-    """Start a save in a child and SIGKILL it while its multipart upload is open."""
+def _saver_with_open_upload(target: Target, value: float) -> subprocess.Popen[str]:
+    """A child saving ``value``, returned once its multipart upload holds some data."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     child = subprocess.Popen(
         [sys.executable, CHILD, "ours", target.url, json.dumps(target.storage_options), str(value)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
@@ -57,8 +57,14 @@ def _kill_mid_upload(target: Target, value: float) -> None:
     deadline = time.monotonic() + 60
     while not _upload_has_data(target, store):
         assert time.monotonic() < deadline, "the child never opened an upload"
-        assert child.poll() is None, "the child finished before it could be killed"
+        assert child.poll() is None, "the child finished before its upload was seen"
         time.sleep(0.005)
+    return child
+
+
+def _kill_mid_upload(target: Target, value: float) -> None:
+    """Start a save in a child and SIGKILL it while its multipart upload is open."""
+    child = _saver_with_open_upload(target, value)
     child.kill()
     child.wait(timeout=30)
 
@@ -130,20 +136,7 @@ def test_gc_leaves_foreign_files_alone(s3_target: Target) -> None:
 
 def test_gc_never_touches_a_save_in_progress(s3_target: Target) -> None:
     dcp.save(state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    child = subprocess.Popen(
-        [sys.executable, CHILD, "ours", s3_target.url, json.dumps(s3_target.storage_options), "2.0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert child.stdout is not None and child.stdout.readline().strip() == "READY"
-    store = open_store(s3_target.url, s3_target.storage_options)
-    deadline = time.monotonic() + 60
-    while not _upload_has_data(s3_target, store):
-        assert time.monotonic() < deadline and child.poll() is None
-        time.sleep(0.005)
+    child = _saver_with_open_upload(s3_target, 2.0)
     report = collect_garbage(s3_target.url, storage_options=s3_target.storage_options)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0 and "DONE" in out, err[-2000:]
