@@ -78,7 +78,7 @@ def _estimated_size(item: WriteItem) -> int:
     numel = 1
     for size in item.tensor_data.chunk.sizes:
         numel *= size
-    return numel * torch.empty((), dtype=item.tensor_data.properties.dtype).element_size()
+    return numel * item.tensor_data.properties.dtype.itemsize
 
 
 @contextlib.contextmanager
@@ -115,8 +115,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
     Each rank packs its items into data objects under a save-unique key, sending large objects
     as concurrent multipart uploads within a memory budget. The coordinator then writes a
     manifest and, last, ``.metadata`` with one PUT: until that PUT the new checkpoint does not
-    exist, and a checkpoint it replaces stays loadable. The replaced save's data objects are
-    deleted only after the commit.
+    exist, and a checkpoint it replaces stays loadable. The replaced version stays whole until
+    the next save commits (so loads already reading it finish), then it is deleted.
 
     Args:
         url: where the checkpoint goes, e.g. ``s3://bucket/run1/step-100``, ``gs://...``,
