@@ -92,6 +92,7 @@ def scaling_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path | N
         mem_ax.plot(xs, [r["peak_extra_rss_mib"] for r in mine], marker="o", label=contender)
         speed_ax.plot(xs, [r["gb_per_s"] for r in mine], marker="o", label=contender)
     mem_ax.plot(sizes, sizes, linestyle=":", color="grey", label="= checkpoint size")
+    mem_ax.axhline(256, linestyle="--", color="red", linewidth=0.8, label="target: 256 MiB")
     for ax in (mem_ax, speed_ax):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes)
