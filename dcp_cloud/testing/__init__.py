@@ -25,7 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["S3Server", "ServerRequest", "free_port"]
+__all__ = ["LocalS3Endpoint", "S3Server", "ServerRequest", "free_port"]
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing-secret"
@@ -74,7 +74,55 @@ class ServerRequest:
         return self.method.lower()
 
 
-class S3Server:
+class LocalS3Endpoint:
+    """How clients reach an S3 server on 127.0.0.1: URL, credentials, environment, client.
+
+    Subclasses set ``port``, and ``access_key``/``secret_key`` when they use other credentials.
+    """
+
+    port: int
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """s3fs options that reach this server."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "key": self.access_key,
+            "secret": self.secret_key,
+            "client_kwargs": {"region_name": REGION},
+        }
+
+    @property
+    def env(self) -> dict[str, str]:
+        """AWS environment variables that reach this server (for clients configured by env)."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+        }
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this server."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=REGION,
+        )
+
+
+class S3Server(LocalS3Endpoint):
     """moto's S3 server in a child process on 127.0.0.1, with a request log.
 
     It accepts only requests signed with its access key (``storage_options`` and ``env`` carry
@@ -86,31 +134,6 @@ class S3Server:
         self._tmp = tempfile.TemporaryDirectory(prefix="dcp-cloud-moto-") if log_dir is None else None
         self.log_path = os.path.join(log_dir or self._tmp.name, "requests.jsonl")  # type: ignore[union-attr]
         self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def storage_options(self) -> dict[str, Any]:
-        """s3fs options that reach this server."""
-        return {
-            "endpoint_url": self.endpoint_url,
-            "key": ACCESS_KEY,
-            "secret": SECRET_KEY,
-            "client_kwargs": {"region_name": REGION},
-        }
-
-    @property
-    def env(self) -> dict[str, str]:
-        """AWS environment variables that reach this server (for clients configured by env)."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_REGION": REGION,
-        }
 
     def start(self, timeout: float = 30.0) -> S3Server:
         env = {**os.environ, "MOTO_PORT": str(self.port)}
@@ -163,18 +186,6 @@ class S3Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def client(self) -> Any:
-        """A boto3 S3 client for this server."""
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY,
-            region_name=REGION,
-        )
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
