@@ -36,6 +36,12 @@ def _save(target: Target) -> dict[str, Any]:
     return state
 
 
+def _data_object(target: Target) -> tuple[Any, str]:
+    """The store of a saved checkpoint and the key of its (single) data object."""
+    store = open_store(target.url, target.storage_options)
+    return store, next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
+
+
 def _target_state() -> dict[str, Any]:
     return {"w": torch.zeros(64, 64), "b": torch.zeros(64), "step": 0}
 
@@ -128,8 +134,7 @@ def test_malicious_metadata_pickle_is_refused_and_not_run(target: Target, tmp_pa
 
 def test_flipped_byte_in_data_names_object_and_tensor(target: Target) -> None:
     _save(target)
-    store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
+    store, key = _data_object(target)
     data = bytearray(store.run(store.get(key)))
     data[len(data) // 2] ^= 0xFF
     store.run(store.put(key, bytes(data)))
@@ -141,8 +146,7 @@ def test_flipped_byte_in_data_names_object_and_tensor(target: Target) -> None:
 
 def test_flipped_byte_loads_when_verification_is_off(target: Target) -> None:
     state = _save(target)
-    store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
+    store, key = _data_object(target)
     data = bytearray(store.run(store.get(key)))
     data[len(data) // 2] ^= 0x01  # inside the payload of "w", the largest item
     store.run(store.put(key, bytes(data)))
@@ -153,8 +157,7 @@ def test_flipped_byte_loads_when_verification_is_off(target: Target) -> None:
 
 def test_truncated_data_object(target: Target) -> None:
     _save(target)
-    store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
+    store, key = _data_object(target)
     data = store.run(store.get(key))
     store.run(store.put(key, data[: len(data) - 100]))
     with pytest.raises(CheckpointException) as info:
@@ -165,8 +168,7 @@ def test_truncated_data_object(target: Target) -> None:
 
 def test_missing_data_object(target: Target) -> None:
     _save(target)
-    store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
+    store, key = _data_object(target)
     store.run(store.delete([key]))
     with pytest.raises(CheckpointException) as info:
         dcp.load(_target_state(), storage_reader=target.reader())
@@ -261,8 +263,7 @@ def test_disk_full_on_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_zero_byte_data_object(target: Target) -> None:
     _save(target)
-    store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith(".distcp"))
+    store, key = _data_object(target)
     store.run(store.put(key, b""))
     with pytest.raises(CheckpointException) as info:
         dcp.load(_target_state(), storage_reader=target.reader())
