@@ -1,4 +1,5 @@
-"""Fixtures: real stores over HTTP on 127.0.0.1 (moto's S3 server), local folders, memory."""
+"""Fixtures: real stores over HTTP on 127.0.0.1 (moto's S3 server, fake-gcs-server, Azurite),
+local folders, memory. Each server starts when the first test that needs it runs."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from typing import Any
 import pytest
 
 from dcp_cloud import CloudStorageReader, CloudStorageWriter
-from dcp_cloud.testing import S3Server
+from dcp_cloud.testing import AzuriteServer, GCSServer, S3Server
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 BUCKET = "dcp-cloud-tests"
-STORES = ["s3", "file", "memory"]
+STORES = ["s3", "gcs", "azure", "file", "memory"]
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,28 @@ def s3_server() -> Iterator[S3Server]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GCSServer]:
+    """fake-gcs-server in a child process on a free port, with one bucket."""
+    with GCSServer() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def azure_server() -> Iterator[AzuriteServer]:
+    """Azurite's blob service in a child process on a free port, with one container."""
+    with AzuriteServer() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+Server = S3Server | GCSServer | AzuriteServer
+
+# URL scheme and server fixture of each store that runs as a server
+_SERVERS = {"s3": ("s3", "s3_server"), "gcs": ("gs", "gcs_server"), "azure": ("az", "azure_server")}
+
+
 @dataclass
 class Target:
     """A fresh checkpoint location on one store."""
@@ -34,7 +57,7 @@ class Target:
     store: str
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
-    server: S3Server | None = None
+    server: Server | None = None
 
     def writer(self, url: str | None = None, **kwargs: Any) -> CloudStorageWriter:
         return CloudStorageWriter(url or self.url, storage_options=self.storage_options, **kwargs)
@@ -48,9 +71,10 @@ class Target:
 
 def make_target(store: str, request: pytest.FixtureRequest, tmp_path: Any) -> Target:
     name = f"t-{uuid.uuid4().hex[:12]}"
-    if store == "s3":
-        server: S3Server = request.getfixturevalue("s3_server")
-        return Target("s3", f"s3://{BUCKET}/{name}/ckpt", server.storage_options, server)
+    if store in _SERVERS:
+        scheme, fixture = _SERVERS[store]
+        server = request.getfixturevalue(fixture)
+        return Target(store, f"{scheme}://{BUCKET}/{name}/ckpt", server.storage_options, server)
     if store == "file":
         return Target("file", str(tmp_path / name / "ckpt"))
     return Target("memory", f"memory://{BUCKET}/{name}/ckpt")

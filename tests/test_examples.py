@@ -13,7 +13,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def _run(script: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / script)], capture_output=True, text=True, timeout=timeout, cwd=EXAMPLES.parent
+        [sys.executable, str(EXAMPLES / script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=EXAMPLES.parent,
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import fsspec
@@ -13,6 +15,8 @@ from ..urls import redact_url, url_scheme
 from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload
 from .fsspec_store import FsspecStore
 from .local import LocalStore
+
+logger = logging.getLogger("dcp_cloud")
 
 __all__ = ["MultipartUpload", "ObjectInfo", "ObjectStore", "PendingUpload", "open_store", "redact_url"]
 
@@ -54,6 +58,8 @@ def open_store(
             config.setdefault("max_pool_connections", max(10, max_concurrency))
             config.setdefault("retries", {"mode": "standard", "total_max_attempts": max_attempts})
             options["config_kwargs"] = config
+        if scheme in ("gs", "gcs"):
+            _prepare_gcsfs(options)
         try:
             filesystem, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as exc:
@@ -93,7 +99,46 @@ def open_store(
         if not bucket:
             raise StoreConfigError(f"{shown}: the URL names no bucket; use s3://BUCKET/PREFIX")
         store = S3Store(filesystem, shown, root, max_concurrency, max_attempts)
+    elif _is_instance_of(filesystem, "gcsfs", "GCSFileSystem"):
+        from .gcs import GCSStore
+
+        if not filesystem.split_path(root)[0]:
+            raise StoreConfigError(f"{shown}: the URL names no bucket; use gs://BUCKET/PREFIX")
+        store = GCSStore(filesystem, shown, root, max_concurrency)
+    elif _is_instance_of(filesystem, "adlfs", "AzureBlobFileSystem"):
+        from .azure import AzureBlobStore
+
+        if not filesystem.split_path(root)[0]:
+            raise StoreConfigError(f"{shown}: the URL names no container; use az://CONTAINER/PREFIX")
+        store = AzureBlobStore(filesystem, shown, root, max_concurrency)
     else:
         store = FsspecStore(filesystem, shown, root, max_concurrency)
     store.deadline = deadline
     return store
+
+
+def _is_instance_of(filesystem: AbstractFileSystem, module: str, class_name: str) -> bool:
+    """Whether ``filesystem`` is (a subclass of) ``module.class_name``, without importing it."""
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, class_name, None) if loaded is not None else None
+    return isinstance(cls, type) and isinstance(filesystem, cls)
+
+
+def _prepare_gcsfs(options: dict[str, Any]) -> None:
+    """Switch off gcsfs's zonal-bucket probe for plain-HTTP endpoints (emulators).
+
+    gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when it is imported; with it on, every request
+    to an http:// endpoint first waits ~60 s on a gRPC probe that no emulator answers.
+    """
+    endpoint = str(options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST") or "")
+    if not endpoint.startswith("http://"):
+        return
+    if "gcsfs" not in sys.modules:
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    elif os.environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "true").lower() in ("true", "1"):
+        logger.warning(
+            "gcsfs was imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT on; requests to the "
+            "plain-HTTP endpoint %s may stall ~60 s each. Set GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false "
+            "before importing gcsfs.",
+            endpoint,
+        )

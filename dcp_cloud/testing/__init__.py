@@ -7,36 +7,38 @@
         writer = CloudStorageWriter("s3://ckpt/run1", storage_options=server.storage_options)
 
 ``S3Server`` runs moto's S3 server in a child process on a free port and keeps a server-side log
-of every request (``server.requests()``).
+of every request (``server.requests()``). ``GCSServer`` (fake-gcs-server) and ``AzuriteServer``
+(Azurite) do the same for GCS and Azure Blob; each has ``storage_options``, ``env`` and
+``create_bucket``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LocalS3Endpoint", "S3Server", "ServerRequest", "free_port"]
+from .azurite import AzuriteServer
+from .gcs import GCSServer
+from .process import ChildServer, free_port
+
+__all__ = [
+    "AzuriteServer",
+    "ChildServer",
+    "GCSServer",
+    "LocalS3Endpoint",
+    "S3Server",
+    "ServerRequest",
+    "free_port",
+]
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing-secret"
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -122,70 +124,40 @@ class LocalS3Endpoint:
         )
 
 
-class S3Server(LocalS3Endpoint):
+class S3Server(ChildServer, LocalS3Endpoint):
     """moto's S3 server in a child process on 127.0.0.1, with a request log.
 
     It accepts only requests signed with its access key (``storage_options`` and ``env`` carry
     it), so a client with wrong credentials is refused as S3 would refuse it.
     """
 
+    name = "moto"
+
     def __init__(self, port: int | None = None, log_dir: str | None = None) -> None:
-        self.port = port or free_port()
-        self._tmp = tempfile.TemporaryDirectory(prefix="dcp-cloud-moto-") if log_dir is None else None
-        self.log_path = os.path.join(log_dir or self._tmp.name, "requests.jsonl")  # type: ignore[union-attr]
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__(port)
+        self.log_path = os.path.join(log_dir or self.workdir, "requests.jsonl")
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "dcp_cloud.testing.moto_server",
+            "--port",
+            str(self.port),
+            "--log",
+            self.log_path,
+            "--access-key",
+            ACCESS_KEY,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "MOTO_PORT": str(self.port)}
 
     def start(self, timeout: float = 30.0) -> S3Server:
-        env = {**os.environ, "MOTO_PORT": str(self.port)}
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dcp_cloud.testing.moto_server",
-                "--port",
-                str(self.port),
-                "--log",
-                self.log_path,
-                "--access-key",
-                ACCESS_KEY,
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"moto server exited with code {self._process.returncode}")
-            try:
-                urllib.request.urlopen(self.endpoint_url + "/", timeout=1).close()
-                return self
-            except urllib.error.HTTPError:
-                return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"moto server did not answer on {self.endpoint_url} within {timeout} s")
-
-    def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._process = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        return super().start(timeout)  # type: ignore[no-any-return]
 
     def __enter__(self) -> S3Server:
         return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)

@@ -1,0 +1,226 @@
+"""Azure Blob Storage, through the async ``BlobServiceClient`` that adlfs holds.
+
+Parts of an object are staged as blocks, concurrently (``Put Block``), and the object appears
+atomically when its block list is committed (``Put Block List``): Azure's own multipart upload.
+Blocks never committed are invisible and Azure discards them after 7 days; ``list_uploads``
+still reports blobs that hold only uncommitted blocks, so ``gc`` can drop them sooner.
+
+No-overwrite commits send ``If-None-Match: *``; Azure answers 409 BlobAlreadyExists when the
+blob exists. Ranged reads are ``Get Blob`` with an ``x-ms-range``. Retries are the Azure SDK's
+own (exponential, on 408/429/5xx and connection errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+from typing import Any
+
+from ..errors import BucketNotFoundError, StoreAccessError
+from .base import MultipartUpload, ObjectInfo, PendingUpload
+from .fsspec_store import FsspecStore
+
+
+def block_id(upload_id: str, part_number: int) -> str:
+    """The block id of one part (every id of a blob must have the same length)."""
+    return base64.b64encode(f"{upload_id}-{part_number:06d}".encode()).decode()
+
+
+class _MemoryviewSink:
+    """A writable stream over a memoryview, for the SDK's ``readinto``."""
+
+    def __init__(self, out: memoryview) -> None:
+        self.out = out
+        self.position = 0
+
+    def write(self, data: bytes) -> int:
+        end = self.position + len(data)
+        if end > len(self.out):
+            raise ValueError("the blob returned more bytes than the range asked for")
+        self.out[self.position : end] = data
+        self.position = end
+        return len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+class AzureBlobStore(FsspecStore):
+    """Store over an ``adlfs.AzureBlobFileSystem``."""
+
+    supports_conditional_put = True
+
+    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16):
+        super().__init__(fs, url, root, max_concurrency)
+        container, prefix, _ = fs.split_path(root)
+        self.container = container
+        self.prefix = prefix.strip("/")
+
+    @property
+    def loop(self) -> Any:
+        return self.fs.loop
+
+    def blob_name(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _relative(self, name: str) -> str:
+        return name[len(self.prefix) + 1 :] if self.prefix else name
+
+    @property
+    def _container_client(self) -> Any:
+        return self.fs.service_client.get_container_client(self.container)
+
+    def _blob(self, key: str) -> Any:
+        return self.fs.service_client.get_blob_client(self.container, self.blob_name(key))
+
+    async def _azure(self, kind: str, key: str, call: Any) -> Any:
+        """Await one SDK request (the SDK's retries included), errors translated."""
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            HttpResponseError,
+            ResourceExistsError,
+            ResourceNotFoundError,
+        )
+
+        where = f"{self.container}/{self.blob_name(key)}"
+        try:
+            return await self._request(kind, call)
+        except ResourceNotFoundError as exc:
+            if getattr(exc, "error_code", None) == "ContainerNotFound":
+                raise BucketNotFoundError(
+                    f"{self.url}: container {self.container!r} does not exist. Create it (for "
+                    f"example `az storage container create --name {self.container}`) or fix the URL."
+                ) from exc
+            raise FileNotFoundError(f"{self.url}: blob {where} not found") from exc
+        except ResourceExistsError as exc:
+            raise FileExistsError(f"{self.url}: blob {where} already exists") from exc
+        except ClientAuthenticationError as exc:
+            raise self._access_error(where, exc) from exc
+        except HttpResponseError as exc:
+            if exc.status_code == 416 and kind == "get_range":
+                return 0  # the blob ends before the range starts
+            if exc.status_code in (401, 403):
+                raise self._access_error(where, exc) from exc
+            raise
+
+    def _access_error(self, where: str, exc: Any) -> StoreAccessError:
+        code = getattr(exc, "error_code", None) or getattr(exc, "status_code", None)
+        return StoreAccessError(
+            f"{self.url}: Azure refused the request on {where} ({code}). Check the credentials "
+            "(account_key, sas_token, connection_string or a credential in storage_options; "
+            "AZURE_STORAGE_* variables) and the container's access policy."
+        )
+
+    # -- objects ------------------------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        await self._azure("put", key, self._blob(key).upload_blob(data, overwrite=not if_absent))
+
+    async def get(self, key: str) -> bytes:
+        async def read() -> bytes:
+            downloader = await self._blob(key).download_blob()
+            return bytes(await downloader.readall())
+
+        return await self._azure("get", key, read())
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        out = bytearray(end - start)
+        got = await self.read_into(key, start, memoryview(out))
+        return bytes(out[:got])
+
+    async def read_into(self, key: str, start: int, out: memoryview) -> int:
+        async def read() -> int:
+            downloader = await self._blob(key).download_blob(offset=start, length=len(out))
+            sink = _MemoryviewSink(out)
+            await downloader.readinto(sink)
+            return sink.position
+
+        return int(await self._azure("get_range", key, read()))
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._azure("head", key, self._blob(key).get_blob_properties())
+        except FileNotFoundError as exc:
+            if isinstance(exc, BucketNotFoundError):
+                raise
+            return False
+        return True
+
+    async def _list(self, prefix: str, include: list[str] | None = None) -> list[Any]:
+        name_prefix = self.blob_name(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+
+        async def collect() -> list[Any]:
+            pager = self._container_client.list_blobs(name_starts_with=name_prefix or None, include=include)
+            return [blob async for blob in pager]
+
+        return list(await self._azure("list", prefix, collect()))
+
+    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+        infos = [
+            ObjectInfo(
+                self._relative(blob.name),
+                int(blob.size or 0),
+                blob.last_modified.timestamp() if blob.last_modified else None,
+            )
+            for blob in await self._list(prefix)
+        ]
+        return sorted(infos, key=lambda i: i.key)
+
+    async def delete(self, keys: list[str]) -> None:
+        async def delete_one(key: str) -> None:
+            try:
+                await self._azure("delete", key, self._blob(key).delete_blob())
+            except FileNotFoundError as exc:
+                if isinstance(exc, BucketNotFoundError):
+                    raise
+
+        await asyncio.gather(*(delete_one(k) for k in keys))
+
+    # -- uploads: staged blocks, committed as one block list ----------------------------------
+
+    async def start_upload(self, key: str) -> MultipartUpload:
+        return MultipartUpload(key, secrets.token_hex(8))
+
+    async def upload_part(
+        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        block = block_id(upload.state, part_number)
+        body = data if isinstance(data, bytes) else bytes(data)
+        await self._azure(
+            "upload_part", upload.key, self._blob(upload.key).stage_block(block, body, length=len(body))
+        )
+        upload.parts[part_number] = block
+
+    async def complete_upload(self, upload: MultipartUpload) -> None:
+        from azure.storage.blob import BlobBlock
+
+        blocks = [BlobBlock(block_id=upload.parts[n]) for n in sorted(upload.parts)]
+        await self._azure("complete_upload", upload.key, self._blob(upload.key).commit_block_list(blocks))
+
+    async def abort_upload(self, upload: MultipartUpload) -> None:
+        # Uncommitted blocks cannot be deleted one by one; deleting a blob that has only
+        # uncommitted blocks drops them, and Azure drops the rest after 7 days anyway.
+        try:
+            await self._azure("abort_upload", upload.key, self._blob(upload.key).delete_blob())
+        except Exception:  # nothing to delete, or the store is unreachable: gc cleans up later
+            pass
+
+    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        committed = {blob.name for blob in await self._list(prefix)}
+        return [
+            PendingUpload(
+                self._relative(blob.name),
+                (blob.last_modified or blob.creation_time).timestamp()
+                if (blob.last_modified or blob.creation_time)
+                else 0.0,
+                MultipartUpload(self._relative(blob.name), None),
+            )
+            for blob in await self._list(prefix, include=["uncommittedblobs"])
+            if blob.name not in committed
+        ]

@@ -1,0 +1,307 @@
+"""Google Cloud Storage, through the JSON API session that gcsfs holds.
+
+gcsfs's file API writes one object as one resumable stream, chunk after chunk. To send the parts
+of an object concurrently we upload each part as an object of its own and join them with one
+``compose`` request, then delete the parts. GCS's XML multipart API would do the same without
+part objects, but it is a second protocol with its own auth and no emulator here speaks it; on
+real GCS both run at the per-stream rate times the number of streams, and compose costs one extra
+request per object plus free deletes (see the README's GCS section).
+
+Part objects live next to their object under ``<key>.dcp-upload-<id>/<n>``. Listings hide them
+(as S3 hides multipart parts) and ``list_uploads`` reports them, so ``gc`` removes the parts of
+an upload that a crash left behind.
+
+No-overwrite commits use ``ifGenerationMatch=0`` on a single-request (multipart/related) upload:
+GCS refuses it with 412 when the object exists.
+
+Retries are gcsfs's own: up to 6 tries with exponential backoff on 429, 5xx and connection
+errors, for every request, bodies cut off midway included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+from typing import Any
+from urllib.parse import quote
+
+from ..errors import BucketNotFoundError, StoreAccessError
+from .base import MultipartUpload, ObjectInfo, PendingUpload
+from .fsspec_store import FsspecStore, _modified
+
+#: Marks the part objects of an upload in progress: ``<key>.dcp-upload-<upload id>/<part>``.
+PART_MARKER = ".dcp-upload-"
+_PART_KEY = re.compile(r"^(?P<key>.+)" + re.escape(PART_MARKER) + r"(?P<upload>[0-9a-f]+)/(?P<part>\d+)$")
+
+#: compose joins at most 32 source objects per request.
+MAX_COMPOSE_SOURCES = 32
+
+
+def part_key(key: str, upload_id: str, part_number: int) -> str:
+    """Key of one part object of an upload."""
+    return f"{key}{PART_MARKER}{upload_id}/{part_number:05d}"
+
+
+class GCSStore(FsspecStore):
+    """Store over a ``gcsfs.GCSFileSystem``."""
+
+    supports_conditional_put = True
+
+    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16):
+        super().__init__(fs, url, root, max_concurrency)
+        bucket, prefix, _ = fs.split_path(root)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    @property
+    def loop(self) -> Any:
+        return self.fs.loop
+
+    def object_name(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _object_path(self, key: str) -> str:
+        return f"b/{quote(self.bucket, safe='')}/o/{quote(self.object_name(key), safe='')}"
+
+    @property
+    def _upload_url(self) -> str:
+        return f"{self.fs._location}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
+
+    def _media_url(self, key: str) -> str:
+        return f"{self.fs._location}/download/storage/v1/{self._object_path(key)}?alt=media"
+
+    async def _bucket_exists(self) -> bool:
+        try:
+            await self.fs._call("GET", f"b/{quote(self.bucket, safe='')}", json_out=True)
+        except FileNotFoundError:
+            return False
+        except Exception:  # cannot tell; report the original error
+            return True
+        return True
+
+    async def _gcs(self, kind: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
+        """One JSON-API request through gcsfs (its retries included), errors translated."""
+        try:
+            return await self._request(kind, self.fs._call(method, path, **kwargs))
+        except FileNotFoundError as exc:
+            if not await self._bucket_exists():
+                raise BucketNotFoundError(
+                    f"{self.url}: bucket {self.bucket!r} does not exist. Create it (for example "
+                    f"`gcloud storage buckets create gs://{self.bucket}`) or fix the URL."
+                ) from exc
+            raise FileNotFoundError(
+                f"{self.url}: gs://{self.bucket}/{self.object_name(key)} not found"
+            ) from exc
+        except PermissionError as exc:
+            raise self._access_error(key, exc) from exc
+        except OSError as exc:
+            if str(exc).startswith(("Forbidden", "Unauthorized")) or getattr(exc, "code", None) in (401, 403):
+                raise self._access_error(key, exc) from exc
+            raise
+        except Exception as exc:
+            if getattr(exc, "code", None) in (401, 403):
+                raise self._access_error(key, exc) from exc
+            raise
+
+    def _access_error(self, key: str, exc: BaseException) -> StoreAccessError:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return StoreAccessError(
+            f"{self.url}: GCS refused the request on gs://{self.bucket}/{self.object_name(key)} "
+            f"({first_line}). Check the credentials (`token=` in storage_options, "
+            "GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`) and the "
+            "bucket's IAM permissions."
+        )
+
+    # -- objects ------------------------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        if if_absent:
+            # A multipart/related upload carries ifGenerationMatch=0 on every GCS server; some
+            # emulators ignore it on media and resumable uploads.
+            await self._put_related(key, data)
+        else:
+            await self._put_media("put", key, data)
+
+    async def _put_media(self, kind: str, key: str, data: bytes | bytearray | memoryview) -> None:
+        await self._gcs(
+            kind,
+            key,
+            "POST",
+            self._upload_url,
+            uploadType="media",
+            name=self.object_name(key),
+            headers={"Content-Type": "application/octet-stream"},
+            data=data,
+            json_out=True,
+        )
+
+    async def _put_related(self, key: str, data: bytes) -> None:
+        boundary = f"dcp-cloud-{secrets.token_hex(8)}"
+        head = (
+            f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+            + json.dumps({"name": self.object_name(key)})
+            + f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        body = head + bytes(data) + f"\r\n--{boundary}--\r\n".encode()
+        try:
+            await self._gcs(
+                "put",
+                key,
+                "POST",
+                self._upload_url,
+                uploadType="multipart",
+                ifGenerationMatch="0",
+                headers={"Content-Type": f'multipart/related; boundary="{boundary}"'},
+                data=body,
+                json_out=True,
+            )
+        except FileExistsError:
+            raise FileExistsError(
+                f"{self.url}: gs://{self.bucket}/{self.object_name(key)} already exists"
+            ) from None
+
+    async def get(self, key: str) -> bytes:
+        _, contents = await self._gcs("get", key, "GET", self._media_url(key))
+        return bytes(contents)
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        try:
+            _, contents = await self._gcs(
+                "get_range", key, "GET", self._media_url(key), headers={"Range": f"bytes={start}-{end - 1}"}
+            )
+        except Exception as exc:
+            if getattr(exc, "code", None) == 416:  # the object ends before ``start``
+                return b""
+            raise
+        return bytes(contents)
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._gcs("head", key, "GET", self._object_path(key), json_out=True)
+        except FileNotFoundError as exc:
+            if isinstance(exc, BucketNotFoundError):
+                raise
+            return False
+        return True
+
+    async def _list_raw(self, prefix: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            params: dict[str, Any] = {
+                "prefix": self.object_name(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+            }
+            if token:
+                params["pageToken"] = token
+            page = await self._gcs(
+                "list", prefix, "GET", f"b/{quote(self.bucket, safe='')}/o", json_out=True, **params
+            )
+            items.extend(page.get("items", []))
+            token = page.get("nextPageToken")
+            if not token:
+                return items
+
+    def _relative(self, name: str) -> str:
+        return name[len(self.prefix) + 1 :] if self.prefix else name
+
+    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+        infos = []
+        for item in await self._list_raw(prefix):
+            key = self._relative(item["name"])
+            if PART_MARKER in key and _PART_KEY.match(key):
+                continue
+            infos.append(ObjectInfo(key, int(item.get("size", 0)), _modified(_times(item))))
+        return sorted(infos, key=lambda i: i.key)
+
+    async def delete(self, keys: list[str]) -> None:
+        async def delete_one(key: str) -> None:
+            try:
+                await self._gcs("delete", key, "DELETE", self._object_path(key))
+            except FileNotFoundError as exc:
+                if isinstance(exc, BucketNotFoundError):
+                    raise
+
+        await asyncio.gather(*(delete_one(k) for k in keys))
+
+    # -- uploads: parts as objects, joined by compose -----------------------------------------
+
+    async def start_upload(self, key: str) -> MultipartUpload:
+        return MultipartUpload(key, secrets.token_hex(8))
+
+    async def upload_part(
+        self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        await self._put_media("upload_part", part_key(upload.key, upload.state, part_number), data)
+        upload.parts[part_number] = len(data)
+
+    async def complete_upload(self, upload: MultipartUpload) -> None:
+        sources = [part_key(upload.key, upload.state, n) for n in sorted(upload.parts)]
+        if not sources:  # an empty object
+            await self._put_media("complete_upload", upload.key, b"")
+            return
+        staged = 0
+        # compose takes 32 sources: fold longer lists into the destination 31 at a time
+        while sources:
+            batch = sources[: MAX_COMPOSE_SOURCES - (1 if staged else 0)]
+            sources = sources[len(batch) :]
+            names = ([upload.key] if staged else []) + batch
+            await self._compose(upload.key, names)
+            staged += 1
+        await self.delete([part_key(upload.key, upload.state, n) for n in sorted(upload.parts)])
+
+    async def _compose(self, key: str, sources: list[str]) -> None:
+        await self._gcs(
+            "complete_upload",
+            key,
+            "POST",
+            f"{self._object_path(key)}/compose",
+            headers={"Content-Type": "application/json"},
+            json={
+                "kind": "storage#composeRequest",
+                "sourceObjects": [{"name": self.object_name(s)} for s in sources],
+                "destination": {"name": self.object_name(key), "bucket": self.bucket},
+            },
+            json_out=True,
+        )
+
+    async def abort_upload(self, upload: MultipartUpload) -> None:
+        try:
+            parts = upload.parts or {
+                int(m.group("part")): 0
+                for o in await self._list_raw(f"{upload.key}{PART_MARKER}{upload.state}/")
+                if (m := _PART_KEY.match(self._relative(o["name"])))
+            }
+            await self.delete([part_key(upload.key, upload.state, n) for n in parts])
+        except Exception:  # the upload is abandoned either way; gc removes leftovers
+            pass
+
+    async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
+        uploads: dict[tuple[str, str], PendingUpload] = {}
+        for item in await self._list_raw(prefix):
+            match = _PART_KEY.match(self._relative(item["name"]))
+            if match is None:
+                continue
+            key, upload_id = match.group("key"), match.group("upload")
+            modified = _modified(_times(item)) or 0.0
+            found = uploads.get((key, upload_id))
+            if found is None:
+                found = uploads[(key, upload_id)] = PendingUpload(
+                    key, modified, MultipartUpload(key, upload_id)
+                )
+            found.last_activity = max(found.last_activity, modified)
+            found.upload.parts[int(match.group("part"))] = int(item.get("size", 0))
+        return list(uploads.values())
+
+
+def _times(item: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-API object resource's times as the fsspec info keys ``_modified`` reads."""
+    from datetime import datetime
+
+    stamp = item.get("updated") or item.get("timeCreated")
+    if not stamp:
+        return {}
+    return {"mtime": datetime.fromisoformat(stamp.replace("Z", "+00:00"))}
