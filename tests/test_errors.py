@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import pickle
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import fsspec.registry
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from fsspec.registry import _registry as fsspec_registry
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_cloud import (
@@ -26,7 +26,7 @@ from dcp_cloud import (
 )
 from dcp_cloud.store import open_store
 
-from .conftest import Target
+from .conftest import BUCKET, Target, make_target
 from .helpers import failure_text, failure_types
 
 
@@ -53,36 +53,33 @@ def test_unknown_scheme() -> None:
     assert "unknown URL scheme 'nosuchscheme'" in failure_text(info.value)
 
 
-def test_missing_backend_names_the_extra_to_install() -> None:
-    missing = None
-    for scheme, extra_module in (("gs", "gcsfs"), ("az", "adlfs"), ("abfs", "adlfs")):
-        if importlib.util.find_spec(extra_module) is None:
-            missing = scheme
-            break
-    if missing is None:
-        # every cloud backend is installed here: use a known scheme whose backend is not
-        missing = next(
-            s
-            for s, impl in fsspec.registry.known_implementations.items()
-            if importlib.util.find_spec(impl["class"].split(".")[0]) is None and "err" in impl
-        )
-        expected = "backend is not installed"
-    else:
-        expected = "pip install 'dcp-cloud[" + ("gcs" if missing == "gs" else "azure") + "]'"
+@pytest.mark.parametrize(
+    "scheme,module,extra", [("gs", "gcsfs", "gcs"), ("az", "adlfs", "azure"), ("s3", "s3fs", "s3")]
+)
+def test_missing_backend_names_the_extra_to_install(
+    scheme: str, module: str, extra: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # make the backend unimportable, as on a machine without the extra
+    monkeypatch.setitem(sys.modules, module, None)
+    for name in [k for k in fsspec_registry if k in (scheme, f"{scheme}a", "abfs", "gcs")]:
+        monkeypatch.delitem(fsspec_registry, name)
     with pytest.raises(StoreConfigError) as info:
-        open_store(f"{missing}://bucket/ckpt")
-    assert expected in str(info.value)
+        open_store(f"{scheme}://bucket/ckpt")
+    assert f"pip install 'dcp-cloud[{extra}]'" in str(info.value)
 
 
-def test_missing_bucket_on_save_and_load(s3_target: Target) -> None:
-    url = "s3://no-such-bucket-here/ckpt"
+@pytest.mark.parametrize("store", ["s3", "gcs", "azure"])
+def test_missing_bucket_on_save_and_load(store: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    target = make_target(store, request, tmp_path)
+    url = target.url.replace(BUCKET, "no-such-bucket-here", 1)
     with pytest.raises(CheckpointException) as info:
-        dcp.save({"x": torch.ones(1)}, storage_writer=s3_target.writer(url=url))
+        dcp.save({"x": torch.ones(1)}, storage_writer=target.writer(url=url))
     assert BucketNotFoundError in failure_types(info.value)
-    assert "no-such-bucket-here" in failure_text(info.value) and "does not exist" in failure_text(info.value)
+    assert "'no-such-bucket-here' does not exist" in failure_text(info.value)
+    assert "Create it" in failure_text(info.value)
     with pytest.raises(CheckpointException) as info:
-        dcp.load({"x": torch.ones(1)}, storage_reader=s3_target.reader(url=url))
-    assert "bucket 'no-such-bucket-here' does not exist" in failure_text(info.value)
+        dcp.load({"x": torch.ones(1)}, storage_reader=target.reader(url=url))
+    assert "'no-such-bucket-here' does not exist" in failure_text(info.value)
 
 
 def test_no_checkpoint_at_url(target: Target) -> None:
@@ -201,21 +198,33 @@ def test_secrets_stay_out_of_repr_and_errors(s3_target: Target) -> None:
     assert options["secret"] not in failure_text(info.value)
 
 
-def test_wrong_credentials_are_refused_clearly(s3_target: Target) -> None:
-    options = {**s3_target.storage_options, "key": "not-a-key", "secret": "not-a-secret"}
+# A base64 account key that is not Azurite's
+_WRONG_AZURE_KEY = "bm90LXRoZS1rZXktbm90LXRoZS1rZXktbm90LXRoZS1rZXktbm90LXRoZS1rZXk="
+
+
+# fake-gcs-server checks no credentials, so GCS is not in this list
+@pytest.mark.parametrize("store", ["s3", "azure"])
+def test_wrong_credentials_are_refused_clearly(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    target = make_target(store, request, tmp_path)
+    if store == "s3":
+        options, secret = (
+            {**target.storage_options, "key": "not-a-key", "secret": "not-a-secret"},
+            "not-a-secret",
+        )
+    else:
+        options = {"connection_string": target.server.connection_string_with_key(_WRONG_AZURE_KEY)}
+        secret = _WRONG_AZURE_KEY
     start = time.monotonic()
     with pytest.raises(CheckpointException) as info:
-        dcp.save(
-            {"x": torch.ones(2)}, storage_writer=CloudStorageWriter(s3_target.url, storage_options=options)
-        )
+        dcp.save({"x": torch.ones(2)}, storage_writer=CloudStorageWriter(target.url, storage_options=options))
     assert StoreAccessError in failure_types(info.value)
     assert "Check the credentials" in failure_text(info.value)
-    assert "not-a-secret" not in failure_text(info.value)
+    assert secret not in failure_text(info.value)
     assert time.monotonic() - start < 10  # refused credentials are not retried
     with pytest.raises(CheckpointException) as info:
-        dcp.load(
-            {"x": torch.ones(2)}, storage_reader=CloudStorageReader(s3_target.url, storage_options=options)
-        )
+        dcp.load({"x": torch.ones(2)}, storage_reader=CloudStorageReader(target.url, storage_options=options))
     assert "Check the credentials" in failure_text(info.value)
 
 

@@ -110,7 +110,7 @@ def open_store(
 
         if not filesystem.split_path(root)[0]:
             raise StoreConfigError(f"{shown}: the URL names no container; use az://CONTAINER/PREFIX")
-        store = AzureBlobStore(filesystem, shown, root, max_concurrency)
+        store = AzureBlobStore(filesystem, shown, root, max_concurrency, max_attempts)
     else:
         store = FsspecStore(filesystem, shown, root, max_concurrency)
     store.deadline = deadline

@@ -6,8 +6,11 @@ Blocks never committed are invisible and Azure discards them after 7 days; ``lis
 still reports blobs that hold only uncommitted blocks, so ``gc`` can drop them sooner.
 
 No-overwrite commits send ``If-None-Match: *``; Azure answers 409 BlobAlreadyExists when the
-blob exists. Ranged reads are ``Get Blob`` with an ``x-ms-range``. Retries are the Azure SDK's
-own (exponential, on 408/429/5xx and connection errors).
+blob exists. Ranged reads are ``Get Blob`` with an ``x-ms-range``.
+
+Retries are the Azure SDK's own (on 408/429/5xx and connection errors), with the tries bounded by
+``max_attempts``. Its default backoff (15 s, then 18 s, 24 s, ...) would stall a save for minutes
+over a few throttled parts, so we start at 0.5 s and double.
 """
 
 from __future__ import annotations
@@ -54,11 +57,12 @@ class AzureBlobStore(FsspecStore):
 
     supports_conditional_put = True
 
-    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16):
+    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(fs, url, root, max_concurrency)
         container, prefix, _ = fs.split_path(root)
         self.container = container
         self.prefix = prefix.strip("/")
+        _tune_retries(fs.service_client, max_attempts)
 
     @property
     def loop(self) -> Any:
@@ -191,9 +195,9 @@ class AzureBlobStore(FsspecStore):
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         block = block_id(upload.state, part_number)
-        body = data if isinstance(data, bytes) else bytes(data)
+        body = memoryview(data)  # sent from our buffer as it is: no copy per part
         await self._azure(
-            "upload_part", upload.key, self._blob(upload.key).stage_block(block, body, length=len(body))
+            "upload_part", upload.key, self._blob(upload.key).stage_block(block, body, length=body.nbytes)
         )
         upload.parts[part_number] = block
 
@@ -224,3 +228,18 @@ class AzureBlobStore(FsspecStore):
             for blob in await self._list(prefix, include=["uncommittedblobs"])
             if blob.name not in committed
         ]
+
+
+def _tune_retries(service_client: Any, max_attempts: int) -> None:
+    """Bound the SDK's retries by ``max_attempts`` and shorten its backoff.
+
+    adlfs builds the client without a retry policy of ours; its policy object is shared by every
+    client derived from it, so we adjust that one object in place.
+    """
+    policy = getattr(getattr(service_client, "_config", None), "retry_policy", None)
+    if policy is None or not hasattr(policy, "initial_backoff"):
+        return
+    policy.total_retries = max(0, max_attempts - 1)
+    policy.initial_backoff = 0.5
+    policy.increment_base = 2
+    policy.random_jitter_range = 0.5

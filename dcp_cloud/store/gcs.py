@@ -24,12 +24,18 @@ import asyncio
 import json
 import re
 import secrets
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from urllib.parse import quote
+
+import aiohttp
+from gcsfs.retry import retry_request, validate_response
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
 from .fsspec_store import FsspecStore, _modified
+
+T = TypeVar("T")
 
 #: Marks the part objects of an upload in progress: ``<key>.dcp-upload-<upload id>/<part>``.
 PART_MARKER = ".dcp-upload-"
@@ -83,8 +89,12 @@ class GCSStore(FsspecStore):
 
     async def _gcs(self, kind: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
         """One JSON-API request through gcsfs (its retries included), errors translated."""
+        return await self._translated(kind, key, self.fs._call(method, path, **kwargs))
+
+    async def _translated(self, kind: str, key: str, call: Coroutine[Any, Any, T]) -> T:
+        """Await one request under the concurrency bound, with gcsfs's errors made ours."""
         try:
-            return await self._request(kind, self.fs._call(method, path, **kwargs))
+            return await self._request(kind, call)
         except FileNotFoundError as exc:
             if not await self._bucket_exists():
                 raise BucketNotFoundError(
@@ -96,12 +106,9 @@ class GCSStore(FsspecStore):
             ) from exc
         except PermissionError as exc:
             raise self._access_error(key, exc) from exc
-        except OSError as exc:
-            if str(exc).startswith(("Forbidden", "Unauthorized")) or getattr(exc, "code", None) in (401, 403):
-                raise self._access_error(key, exc) from exc
-            raise
         except Exception as exc:
-            if getattr(exc, "code", None) in (401, 403):
+            refused = str(exc).startswith(("Forbidden", "Unauthorized"))
+            if refused or getattr(exc, "code", None) in (401, 403):
                 raise self._access_error(key, exc) from exc
             raise
 
@@ -178,6 +185,12 @@ class GCSStore(FsspecStore):
                 return b""
             raise
         return bytes(contents)
+
+    async def read_into(self, key: str, start: int, out: memoryview) -> int:
+        # Streamed into ``out`` chunk by chunk: gcsfs's own calls read whole bodies into memory.
+        return await self._translated(
+            "get_range", key, _read_range_into(self.fs, self._media_url(key), start, out)
+        )
 
     async def exists(self, key: str) -> bool:
         try:
@@ -305,3 +318,28 @@ def _times(item: dict[str, Any]) -> dict[str, Any]:
     if not stamp:
         return {}
     return {"mtime": datetime.fromisoformat(stamp.replace("Z", "+00:00"))}
+
+
+@retry_request(retries=6)  # gcsfs's retry policy, as for every other request
+async def _read_range_into(fs: Any, url: str, start: int, out: memoryview) -> int:
+    """GET bytes ``[start, start + len(out))`` of ``url`` into ``out``; the count read."""
+    await fs._set_session()
+    headers = fs._get_headers({"Range": f"bytes={start}-{start + len(out) - 1}"})
+    async with fs.session.get(url, headers=headers, timeout=fs.requests_timeout) as response:
+        if response.status == 416:  # the object ends before ``start``
+            return 0
+        if response.status >= 400:
+            validate_response(response.status, await response.read(), url)
+        if response.status != 206 and start > 0:
+            raise ValueError(f"{url}: the server ignored the Range header (status {response.status})")
+        got = 0
+        async for chunk in response.content.iter_any():
+            take = min(len(chunk), len(out) - got)
+            out[got : got + take] = chunk[:take]
+            got += take
+            if got == len(out):
+                break
+        expected = response.content_length
+        if expected is not None and got < min(expected, len(out)):
+            raise aiohttp.ClientPayloadError(f"{url}: the body ended after {got} of {expected} bytes")
+        return got

@@ -1,17 +1,24 @@
-"""pytest fixtures for testing your own checkpointing code against a local S3 server.
+"""pytest fixtures for testing your own checkpointing code against local object-store servers.
 
-Installed with dcp-cloud (``pip install "dcp-cloud[s3,local]"``) and loaded by pytest through
-its ``pytest11`` entry point, so in your tests::
+Installed with dcp-cloud (``pip install "dcp-cloud[s3,local]"``; add ``gcs`` and ``azure`` for
+those stores) and loaded by pytest through its ``pytest11`` entry point, so in your tests::
 
     def test_my_trainer_resumes(dcp_cloud_s3_url):
         url, storage_options = dcp_cloud_s3_url
         trainer = MyTrainer(checkpoint_url=url, storage_options=storage_options)
         ...
 
-``dcp_cloud_s3`` is the session's :class:`~dcp_cloud.testing.S3Server` (moto, in a child
-process on 127.0.0.1, started on first use and stopped at the end of the session);
-``dcp_cloud_s3_url`` gives each test a fresh ``s3://`` prefix on it and the matching
-``storage_options``. Clients configured by environment can use ``dcp_cloud_s3.env``.
+Each store has a session-wide server, started on first use and stopped at the end of the
+session, and a per-test fixture giving a fresh prefix on it with the matching
+``storage_options``:
+
+- ``dcp_cloud_s3`` / ``dcp_cloud_s3_url``: moto's S3 server (:class:`~dcp_cloud.testing.S3Server`);
+- ``dcp_cloud_gcs`` / ``dcp_cloud_gcs_url``: fake-gcs-server (:class:`~dcp_cloud.testing.GCSServer`);
+- ``dcp_cloud_azure`` / ``dcp_cloud_azure_url``: Azurite (:class:`~dcp_cloud.testing.AzuriteServer`,
+  needs ``npm install -g azurite``).
+
+Every server has a bucket (container) named ``dcp-cloud-test``. Clients configured by environment
+can use the server's ``env``.
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ from typing import Any
 
 import pytest
 
-from . import S3Server
+from . import AzuriteServer, GCSServer, S3Server
 
 BUCKET = "dcp-cloud-test"
+
+
+def _fresh_prefix() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 @pytest.fixture(scope="session")
@@ -38,4 +49,32 @@ def dcp_cloud_s3() -> Iterator[S3Server]:
 @pytest.fixture
 def dcp_cloud_s3_url(dcp_cloud_s3: S3Server) -> tuple[str, dict[str, Any]]:
     """A fresh checkpoint prefix on the local S3 server, and its storage_options."""
-    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}", dcp_cloud_s3.storage_options
+    return f"s3://{BUCKET}/{_fresh_prefix()}", dcp_cloud_s3.storage_options
+
+
+@pytest.fixture(scope="session")
+def dcp_cloud_gcs() -> Iterator[GCSServer]:
+    """A local GCS server (fake-gcs-server) with a bucket named ``dcp-cloud-test``."""
+    with GCSServer() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture
+def dcp_cloud_gcs_url(dcp_cloud_gcs: GCSServer) -> tuple[str, dict[str, Any]]:
+    """A fresh checkpoint prefix on the local GCS server, and its storage_options."""
+    return f"gs://{BUCKET}/{_fresh_prefix()}", dcp_cloud_gcs.storage_options
+
+
+@pytest.fixture(scope="session")
+def dcp_cloud_azure() -> Iterator[AzuriteServer]:
+    """A local Azure Blob server (Azurite) with a container named ``dcp-cloud-test``."""
+    with AzuriteServer() as server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture
+def dcp_cloud_azure_url(dcp_cloud_azure: AzuriteServer) -> tuple[str, dict[str, Any]]:
+    """A fresh checkpoint prefix on the local Azure Blob server, and its storage_options."""
+    return f"az://{BUCKET}/{_fresh_prefix()}", dcp_cloud_azure.storage_options
