@@ -305,6 +305,7 @@ class WorkerSpec:
     storage_options: dict[str, Any]
     raw_streams: int = 16
     max_concurrency: int | None = None  # dcp_cloud's, None: its default
+    memory_budget_mib: int | None = None  # dcp_cloud's, None: its default
     profile: str | None = None  # py-spy output path: record the timed operation
     profile_format: str = "raw"
 
@@ -313,6 +314,8 @@ def _dcp_cloud_kwargs(spec: WorkerSpec) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"part_size": spec.part_size_mib * MiB}
     if spec.max_concurrency:
         kwargs["max_concurrency"] = spec.max_concurrency
+    if spec.memory_budget_mib:
+        kwargs["memory_budget"] = spec.memory_budget_mib * MiB
     if spec.storage_options:
         kwargs["storage_options"] = spec.storage_options
     return kwargs
@@ -1309,6 +1312,7 @@ def _spec(
         storage_options=endpoint.storage_options,
         raw_streams=args.raw_streams,
         max_concurrency=args.max_concurrency,
+        memory_budget_mib=args.memory_budget_mib,
     )
 
 
@@ -1666,6 +1670,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     knobs.add_argument("--part-size-mib", type=int, default=16, help="dcp_cloud part size (default 16)")
     knobs.add_argument(
         "--max-concurrency", type=int, default=None, help="dcp_cloud max_concurrency (default: its own, 16)"
+    )
+    knobs.add_argument(
+        "--memory-budget-mib",
+        type=int,
+        default=None,
+        help="dcp_cloud memory_budget in MiB (default: its own)",
     )
     knobs.add_argument("--seed", type=int, default=0, help="state dict seed (default 0)")
     knobs.add_argument("--timeout-s", type=float, default=1800, help="limit per measurement (default 1800)")

@@ -75,7 +75,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
         filesystem: AbstractFileSystem | None = None,
         part_size: int = TransferOptions.part_size,
         max_concurrency: int = TransferOptions.max_concurrency,
-        memory_budget: int = TransferOptions.memory_budget,
+        memory_budget: int | None = None,
         coalesce_gap: int = TransferOptions.coalesce_gap,
         max_attempts: int = TransferOptions.max_attempts,
         deadline: float | None = TransferOptions.deadline,
@@ -84,7 +84,9 @@ class CloudStorageReader(StoreConnection, StorageReader):
         options = TransferOptions(
             part_size=part_size,
             max_concurrency=max_concurrency,
-            memory_budget=memory_budget,
+            memory_budget=memory_budget
+            if memory_budget is not None
+            else max(TransferOptions.memory_budget, 2 * part_size),
             coalesce_gap=coalesce_gap,
             max_attempts=max_attempts,
             deadline=deadline,

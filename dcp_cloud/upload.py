@@ -4,7 +4,8 @@
 pooled part buffers, and each full part is sent while serialization goes on. When the pool is
 empty, ``write`` blocks until a part has been sent: memory stays within the budget however large
 the checkpoint. An object smaller than one part goes up as a single PUT. ``close_async`` lets
-the next object start while this one's last parts are still in flight.
+the next object start while this one's last parts are still in flight. Stores that write in
+place (local files) take the bytes straight from torch.save's memory instead.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class ObjectUpload:
         self._buffer: bytearray | None = None
         self._fill = 0
         self._parts_sent = 0
-        self._upload: MultipartUpload | None = None
+        # started by the first full part, without blocking the writer on the request
+        self._upload: concurrent.futures.Future[MultipartUpload] | None = None
         self._pending: list[concurrent.futures.Future[None]] = []
         self._item_crc = 0
         self._closed = False
@@ -44,6 +46,9 @@ class ObjectUpload:
         view = memoryview(data).cast("B")
         size = len(view)
         self._item_crc = crc32c.crc32c(view, self._item_crc)
+        if self.store.writes_in_place:
+            self._write_in_place(view)
+            return size
         while view:
             if self._buffer is None:
                 self._raise_failures()
@@ -56,6 +61,19 @@ class ObjectUpload:
                 self._send_part()
         self._position += size
         return size
+
+    def _write_in_place(self, view: memoryview) -> None:
+        """Local files: write from torch.save's memory at once; no part buffers, no second copy
+        (the view is valid only during this call, so it cannot be queued)."""
+        if self._upload is None:
+            self._upload = self.store.submit(self.store.start_upload(self.key))
+        try:
+            self.store.write_in_place(self._upload.result(), self._position, view)
+        except Exception as exc:
+            # Kept: torch.save turns errors raised inside write() into its own RuntimeError.
+            self.failure = self._error(exc)
+            raise self.failure from exc
+        self._position += len(view)
 
     def flush(self) -> None:
         """No-op: parts are sent when full (torch.save calls flush)."""
@@ -84,20 +102,20 @@ class ObjectUpload:
         assert buffer is not None
         self._buffer, self._fill = None, 0
         if self._upload is None:
-            try:
-                self._upload = self.store.run(self.store.start_upload(self.key))
-            except BaseException:
-                self.pool.put(buffer)
-                raise
+            self._upload = self.store.submit(self.store.start_upload(self.key))
         self._parts_sent += 1
         number = self._parts_sent
         offset = (number - 1) * self.part_size
         self._pending.append(self.store.submit(self._send(number, offset, buffer, fill)))
 
+    async def _started(self) -> MultipartUpload:
+        assert self._upload is not None
+        return await asyncio.wrap_future(self._upload)
+
     async def _send(self, number: int, offset: int, buffer: bytearray, fill: int) -> None:
         try:
-            assert self._upload is not None
-            await self.store.upload_part(self._upload, number, offset, memoryview(buffer)[:fill])
+            upload = await self._started()
+            await self.store.upload_part(upload, number, offset, memoryview(buffer)[:fill])
         finally:
             self.pool.put(buffer)
 
@@ -142,12 +160,15 @@ class ObjectUpload:
         return self._position
 
     async def _complete(self) -> int:
-        assert self._upload is not None
+        try:
+            upload = await self._started()
+        except Exception as exc:  # never started: nothing to abort
+            raise self._error(exc) from exc
         try:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in self._pending))
-            await self.store.complete_upload(self._upload)
+            await self.store.complete_upload(upload)
         except BaseException as exc:
-            await self.store.abort_upload(self._upload)
+            await self.store.abort_upload(upload)
             if isinstance(exc, Exception):
                 raise self._error(exc) from exc
             raise
@@ -166,6 +187,6 @@ class ObjectUpload:
             self._buffer = None
         if self._upload is not None:
             try:
-                self.store.run(self.store.abort_upload(self._upload))
-            except Exception:
+                self.store.run(self.store.abort_upload(self._upload.result()))
+            except Exception:  # never started, or the store is unreachable: gc cleans up
                 pass

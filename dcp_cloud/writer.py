@@ -27,7 +27,7 @@ from .buffers import BufferPool
 from .connection import StoreConnection
 from .errors import CheckpointExistsError, DcpCloudError
 from .manifest import ItemRecord, Manifest
-from .options import TransferOptions
+from .options import WRITER_MEMORY_BUDGET, TransferOptions
 from .safe_pickle import load_metadata
 from .stats import StatsRecorder, TransferStats
 from .upload import ObjectUpload
@@ -127,7 +127,9 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         filesystem: an existing fsspec filesystem to use instead of ``storage_options``.
         part_size: bytes per multipart part (at least 5 MiB).
         max_concurrency: requests in flight per process.
-        memory_budget: bytes of part buffers per process.
+        memory_budget: bytes of part buffers per process (default 160 MiB, ten parts in flight, or
+            two parts if they are larger;
+            raise it on links where each connection is slow, to keep more parts in flight).
         object_size: a rank starts a new data object past this many bytes.
         max_attempts: tries per request, retries included (throttling, 5xx, broken
             connections), with jittered exponential backoff.
@@ -149,7 +151,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         filesystem: AbstractFileSystem | None = None,
         part_size: int = TransferOptions.part_size,
         max_concurrency: int = TransferOptions.max_concurrency,
-        memory_budget: int = TransferOptions.memory_budget,
+        memory_budget: int | None = None,
         object_size: int = TransferOptions.object_size,
         max_attempts: int = TransferOptions.max_attempts,
         deadline: float | None = TransferOptions.deadline,
@@ -159,7 +161,9 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         options = TransferOptions(
             part_size=part_size,
             max_concurrency=max_concurrency,
-            memory_budget=memory_budget,
+            memory_budget=memory_budget
+            if memory_budget is not None
+            else max(WRITER_MEMORY_BUDGET, 2 * part_size),
             object_size=object_size,
             max_attempts=max_attempts,
             deadline=deadline,

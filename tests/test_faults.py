@@ -90,7 +90,7 @@ def test_faults_on_gcs_and_azure_are_survived(proxied: tuple[str, dict[str, Any]
     base, options, proxy = proxied
     proxy.set_faults(0.10, kinds="503,500,reset", seed=7)
     try:
-        for attempt in range(3):
+        for attempt in range(2):
             url = f"{base}/{attempt}"
             state = _state(attempt)
             dcp.save(

@@ -88,7 +88,8 @@ def test_stats_are_reported(target: Target) -> None:
     stats = writer.last_stats
     assert stats is not None and stats.operation == "save"
     assert stats.bytes > 8 * 1024 * 1024 and stats.items == 2 and stats.objects == 1
-    assert stats.requests.get("upload_part", 0) >= 1 and stats.seconds > 0
+    # parts on object stores; positional writes straight from torch.save on local folders
+    assert stats.requests.get("upload_part", 0) + stats.requests.get("write", 0) >= 1 and stats.seconds > 0
     assert "GB/s" in stats.summary()
 
     reader = target.reader()

@@ -61,6 +61,8 @@ class ObjectStore(abc.ABC):
 
     #: whether ``put(if_absent=True)`` is enforced by the store itself, atomically
     supports_conditional_put: bool = False
+    #: whether ``write_in_place`` can take an upload's bytes straight from the caller's memory
+    writes_in_place: bool = False
 
     def __init__(self, url: str, root: str, max_concurrency: int = 16) -> None:
         self.url = url
@@ -150,6 +152,14 @@ class ObjectStore(abc.ABC):
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         """Send part ``part_number`` (1-based) that starts at byte ``offset`` of the object."""
+
+    def write_in_place(
+        self, upload: MultipartUpload, offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        """Write ``data`` at ``offset`` of an upload now, in the calling thread, from the
+        caller's memory (stores with ``writes_in_place``: a local file, where copying into part
+        buffers first would only cost a second copy)."""
+        raise NotImplementedError(f"{type(self).__name__} has no in-place writes")
 
     @abc.abstractmethod
     async def complete_upload(self, upload: MultipartUpload) -> None:

@@ -8,6 +8,7 @@ writes go through the same temp-and-rename, so ``.metadata`` is never seen half 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import os
 import secrets
@@ -17,15 +18,27 @@ from .. import layout
 from ..errors import StoreAccessError, UploadError
 from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload
 
+# In-place writes larger than this are split over several threads.
+_WRITE_CHUNK = 8 * 1024 * 1024
+
 
 class LocalStore(ObjectStore):
     """Store over a local folder."""
 
     supports_conditional_put = True
+    writes_in_place = True
 
     def __init__(self, url: str, root: str, max_concurrency: int = 16, fsync: bool = True):
         super().__init__(url, os.path.abspath(root), max_concurrency)
         self.fsync = fsync
+        self._writer_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _writers(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._writer_pool is None:
+            self._writer_pool = concurrent.futures.ThreadPoolExecutor(
+                min(8, self.max_concurrency), thread_name_prefix="dcp-cloud-write"
+            )
+        return self._writer_pool
 
     def path(self, key: str) -> str:
         return layout.join(self.root, key)
@@ -33,18 +46,24 @@ class LocalStore(ObjectStore):
     async def _call(self, kind: str, key: str, func: Any, *args: Any) -> Any:
         try:
             return await self._request(kind, asyncio.to_thread(func, *args))
-        except PermissionError as exc:
-            raise StoreAccessError(
+        except OSError as exc:
+            translated = self._translate_os_error(key, exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def _translate_os_error(self, key: str, exc: OSError) -> OSError | UploadError:
+        if isinstance(exc, PermissionError):
+            return StoreAccessError(
                 f"{self.url}: permission denied on {self.path(key)} ({exc.strerror}). "
                 "Check the folder's owner and mode."
-            ) from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise UploadError(
-                    f"{self.url}: no space left writing {self.path(key)} ({exc.strerror}). Free "
-                    "space on that disk or save somewhere else; nothing was committed."
-                ) from exc
-            raise
+            )
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return UploadError(
+                f"{self.url}: no space left writing {self.path(key)} ({exc.strerror}). Free "
+                "space on that disk or save somewhere else; nothing was committed."
+            )
+        return exc
 
     def _temp_path(self, path: str) -> str:
         head, tail = os.path.split(path)
@@ -169,16 +188,30 @@ class LocalStore(ObjectStore):
             written = os.pwrite(fd, view, offset)
             view = view[written:]
             offset += written
-        if self.fsync:
-            # Flush as parts land, in this I/O thread, so the fsync at completion finds little
-            # left to write instead of the whole object.
-            os.fdatasync(fd)
 
     async def upload_part(
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         fd, _ = upload.state
         await self._call("upload_part", upload.key, self._pwrite_all, fd, data, offset)
+
+    def write_in_place(
+        self, upload: MultipartUpload, offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        fd, _ = upload.state
+        view = memoryview(data).cast("B")
+        chunks = [(view[at : at + _WRITE_CHUNK], offset + at) for at in range(0, len(view), _WRITE_CHUNK)]
+        self.counter.request("write", len(chunks))
+        try:
+            if len(chunks) <= 1:
+                self._pwrite_all(fd, view, offset)
+            else:  # a large tensor: several threads copy it into the page cache at once
+                list(self._writers().map(lambda chunk: self._pwrite_all(fd, *chunk), chunks))
+        except OSError as exc:
+            translated = self._translate_os_error(upload.key, exc)
+            if translated is exc:
+                raise
+            raise translated from exc
 
     def _complete(self, fd: int, tmp: str, path: str) -> None:
         try:
