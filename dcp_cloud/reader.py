@@ -87,6 +87,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
             memory_budget=memory_budget
             if memory_budget is not None
             else max(TransferOptions.memory_budget, 2 * part_size),
+            object_size=max(TransferOptions.object_size, part_size),  # unused on load
             coalesce_gap=coalesce_gap,
             max_attempts=max_attempts,
             deadline=deadline,

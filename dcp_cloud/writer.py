@@ -130,7 +130,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         memory_budget: bytes of part buffers per process (default 160 MiB, ten parts in flight, or
             two parts if they are larger;
             raise it on links where each connection is slow, to keep more parts in flight).
-        object_size: a rank starts a new data object past this many bytes.
+        object_size: a rank starts a new data object past this many bytes (default 128 MiB, or
+            one part if parts are larger).
         max_attempts: tries per request, retries included (throttling, 5xx, broken
             connections), with jittered exponential backoff.
         deadline: seconds one request may take, retries included (default: no limit).
@@ -152,7 +153,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         part_size: int = TransferOptions.part_size,
         max_concurrency: int = TransferOptions.max_concurrency,
         memory_budget: int | None = None,
-        object_size: int = TransferOptions.object_size,
+        object_size: int | None = None,
         max_attempts: int = TransferOptions.max_attempts,
         deadline: float | None = TransferOptions.deadline,
         overwrite: bool = True,
@@ -164,7 +165,9 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             memory_budget=memory_budget
             if memory_budget is not None
             else max(WRITER_MEMORY_BUDGET, 2 * part_size),
-            object_size=object_size,
+            object_size=object_size
+            if object_size is not None
+            else max(TransferOptions.object_size, part_size),
             max_attempts=max_attempts,
             deadline=deadline,
         )

@@ -159,3 +159,13 @@ def test_cuda_tensors_are_staged_to_cpu(target: Target) -> None:
     out = {"w": torch.zeros(128, 128, device="cuda"), "v": torch.zeros(5, dtype=torch.int64, device="cuda")}
     dcp.load(out, storage_reader=target.reader())
     assert torch.equal(out["w"], state["w"]) and torch.equal(out["v"], state["v"])
+
+
+def test_defaults_follow_a_large_part_size() -> None:
+    writer = CloudStorageWriter("memory://x/y", part_size=200 * MiB)
+    assert writer.options.memory_budget == 400 * MiB and writer.options.object_size == 200 * MiB
+    assert CloudStorageWriter("memory://x/y").options.memory_budget == 160 * MiB
+    reader = CloudStorageReader("memory://x/y", part_size=200 * MiB)
+    assert reader.options.memory_budget == 400 * MiB
+    with pytest.raises(ValueError, match="memory_budget"):  # an explicit budget is kept, and checked
+        CloudStorageWriter("memory://x/y", part_size=200 * MiB, memory_budget=200 * MiB)
