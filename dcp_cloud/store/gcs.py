@@ -283,12 +283,12 @@ class GCSStore(FsspecStore):
 
     async def abort_upload(self, upload: MultipartUpload) -> None:
         try:
-            parts = upload.parts or {
-                int(m.group("part")): 0
-                for o in await self._list_raw(f"{upload.key}{PART_MARKER}{upload.state}/")
-                if (m := _PART_KEY.match(self._relative(o["name"])))
+            # listed, not only the parts recorded: a part cancelled in flight may have landed
+            listed = await self._list_raw(f"{upload.key}{PART_MARKER}{upload.state}/")
+            parts = set(upload.parts) | {
+                int(m.group("part")) for o in listed if (m := _PART_KEY.match(self._relative(o["name"])))
             }
-            await self.delete([part_key(upload.key, upload.state, n) for n in parts])
+            await self.delete([part_key(upload.key, upload.state, n) for n in sorted(parts)])
         except Exception:  # the upload is abandoned either way; gc removes leftovers
             pass
 
