@@ -11,6 +11,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from dcp_cloud import CloudStorageReader, CloudStorageWriter
+
 from .conftest import Target
 from .helpers import assert_same, failure_text, zeros_like_state
 
@@ -246,3 +248,22 @@ def test_prefix_strategies_are_deterministic_and_spread() -> None:
     hashed = {HashPrefix(2)(rank) for rank in range(1024)}
     assert len(hashed) > 200  # 256 possible prefixes, well spread
     assert HashPrefix(2)(7) == HashPrefix(2)(7)
+
+
+def test_any_fsspec_filesystem_works_through_the_generic_path(tmp_path: Any) -> None:
+    """A filesystem with no store of its own (here fsspec's DirFileSystem over a local folder,
+    standing in for ossfs and the like) saves and loads through the generic store."""
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    from dcp_cloud.store.fsspec_store import FsspecStore
+
+    fs = DirFileSystem(path=str(tmp_path), fs=LocalFileSystem())
+    writer = CloudStorageWriter("run/ckpt", filesystem=fs, part_size=5 * 1024 * 1024)
+    assert type(writer.store) is FsspecStore
+    state = {"w": torch.randn(3 * 1024 * 1024), "b": torch.randn(7), "step": 11}  # 12 MiB: 3 parts
+    dcp.save(state, storage_writer=writer)
+    assert (tmp_path / "run" / "ckpt" / ".metadata").exists()
+    out = {"w": torch.zeros(3 * 1024 * 1024), "b": torch.zeros(7), "step": 0}
+    dcp.load(out, storage_reader=CloudStorageReader("run/ckpt", filesystem=fs))
+    assert torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"]) and out["step"] == 11

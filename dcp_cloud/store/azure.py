@@ -15,14 +15,13 @@ over a few throttled parts, so we start at 0.5 s and double.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import secrets
 from typing import Any
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
-from .fsspec_store import FsspecStore
+from .bucket import BucketStore
 
 
 def block_id(upload_id: str, part_number: int) -> str:
@@ -52,34 +51,22 @@ class _MemoryviewSink:
         return False
 
 
-class AzureBlobStore(FsspecStore):
+class AzureBlobStore(BucketStore):
     """Store over an ``adlfs.AzureBlobFileSystem``."""
 
     supports_conditional_put = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(fs, url, root, max_concurrency)
-        container, prefix, _ = fs.split_path(root)
-        self.container = container
-        self.prefix = prefix.strip("/")
+        self.container = self.bucket
         _tune_retries(fs.service_client, max_attempts)
-
-    @property
-    def loop(self) -> Any:
-        return self.fs.loop
-
-    def blob_name(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
-    def _relative(self, name: str) -> str:
-        return name[len(self.prefix) + 1 :] if self.prefix else name
 
     @property
     def _container_client(self) -> Any:
         return self.fs.service_client.get_container_client(self.container)
 
     def _blob(self, key: str) -> Any:
-        return self.fs.service_client.get_blob_client(self.container, self.blob_name(key))
+        return self.fs.service_client.get_blob_client(self.container, self.full_key(key))
 
     async def _azure(self, kind: str, key: str, call: Any) -> Any:
         """Await one SDK request (the SDK's retries included), errors translated."""
@@ -90,7 +77,7 @@ class AzureBlobStore(FsspecStore):
             ResourceNotFoundError,
         )
 
-        where = f"{self.container}/{self.blob_name(key)}"
+        where = f"{self.container}/{self.full_key(key)}"
         try:
             return await self._request(kind, call)
         except ResourceNotFoundError as exc:
@@ -157,7 +144,7 @@ class AzureBlobStore(FsspecStore):
         return True
 
     async def _list(self, prefix: str, include: list[str] | None = None) -> list[Any]:
-        name_prefix = self.blob_name(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        name_prefix = self.listing_prefix(prefix)
 
         async def collect() -> list[Any]:
             pager = self._container_client.list_blobs(name_starts_with=name_prefix or None, include=include)
@@ -168,7 +155,7 @@ class AzureBlobStore(FsspecStore):
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         infos = [
             ObjectInfo(
-                self._relative(blob.name),
+                self.relative_key(blob.name),
                 int(blob.size or 0),
                 blob.last_modified.timestamp() if blob.last_modified else None,
             )
@@ -176,15 +163,8 @@ class AzureBlobStore(FsspecStore):
         ]
         return sorted(infos, key=lambda i: i.key)
 
-    async def delete(self, keys: list[str]) -> None:
-        async def delete_one(key: str) -> None:
-            try:
-                await self._azure("delete", key, self._blob(key).delete_blob())
-            except FileNotFoundError as exc:
-                if isinstance(exc, BucketNotFoundError):
-                    raise
-
-        await asyncio.gather(*(delete_one(k) for k in keys))
+    async def _delete_one(self, key: str) -> None:
+        await self._azure("delete", key, self._blob(key).delete_blob())
 
     # -- uploads: staged blocks, committed as one block list ----------------------------------
 
@@ -219,11 +199,11 @@ class AzureBlobStore(FsspecStore):
         committed = {blob.name for blob in await self._list(prefix)}
         return [
             PendingUpload(
-                self._relative(blob.name),
+                self.relative_key(blob.name),
                 (blob.last_modified or blob.creation_time).timestamp()
                 if (blob.last_modified or blob.creation_time)
                 else 0.0,
-                MultipartUpload(self._relative(blob.name), None),
+                MultipartUpload(self.relative_key(blob.name), None),
             )
             for blob in await self._list(prefix, include=["uncommittedblobs"])
             if blob.name not in committed

@@ -32,6 +32,7 @@ class FsspecStore(ObjectStore):
     def __init__(self, fs: AbstractFileSystem, url: str, root: str, max_concurrency: int = 16):
         super().__init__(url, root, max_concurrency)
         self.fs = fs
+        self._made_dirs: set[str] = set()
 
     def path(self, key: str) -> str:
         return layout.join(self.root, key)
@@ -61,6 +62,7 @@ class FsspecStore(ObjectStore):
 
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         path = self.path(key)
+        await self._ensure_parent(key, path)
         if if_absent:
             # Best effort: fsspec has no portable exclusive create. The writer also checks
             # before it uploads anything; stores with a real conditional PUT override this.
@@ -108,11 +110,18 @@ class FsspecStore(ObjectStore):
             except FileNotFoundError:
                 pass
 
+    async def _ensure_parent(self, key: str, path: str) -> None:
+        """Create the folder ``path`` goes into, once: filesystems with real folders (local
+        disk, also behind wrappers such as DirFileSystem) refuse to write into a missing one;
+        on object stores it is a no-op."""
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent and parent not in self._made_dirs:
+            await self._call("mkdir", key, self.fs.makedirs, parent, exist_ok=True)
+            self._made_dirs.add(parent)
+
     async def start_upload(self, key: str) -> MultipartUpload:
         path = self.path(key)
-        parent = path.rsplit("/", 1)[0] if "/" in path else ""
-        if parent and getattr(self.fs, "auto_mkdir", True) is False:
-            await self._call("mkdir", key, self.fs.makedirs, parent, exist_ok=True)
+        await self._ensure_parent(key, path)
         stream = await self._call("start_upload", key, self.fs.open, path, "wb")
         return MultipartUpload(key, _OrderedStream(stream))
 

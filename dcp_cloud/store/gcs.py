@@ -20,7 +20,6 @@ errors, for every request, bodies cut off midway included.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
@@ -33,7 +32,8 @@ from gcsfs.retry import retry_request, validate_response
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
-from .fsspec_store import FsspecStore, _modified
+from .bucket import BucketStore
+from .fsspec_store import _modified
 
 T = TypeVar("T")
 
@@ -50,26 +50,13 @@ def part_key(key: str, upload_id: str, part_number: int) -> str:
     return f"{key}{PART_MARKER}{upload_id}/{part_number:05d}"
 
 
-class GCSStore(FsspecStore):
+class GCSStore(BucketStore):
     """Store over a ``gcsfs.GCSFileSystem``."""
 
     supports_conditional_put = True
 
-    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16):
-        super().__init__(fs, url, root, max_concurrency)
-        bucket, prefix, _ = fs.split_path(root)
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-
-    @property
-    def loop(self) -> Any:
-        return self.fs.loop
-
-    def object_name(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
-
     def _object_path(self, key: str) -> str:
-        return f"b/{quote(self.bucket, safe='')}/o/{quote(self.object_name(key), safe='')}"
+        return f"b/{quote(self.bucket, safe='')}/o/{quote(self.full_key(key), safe='')}"
 
     @property
     def _upload_url(self) -> str:
@@ -101,9 +88,7 @@ class GCSStore(FsspecStore):
                     f"{self.url}: bucket {self.bucket!r} does not exist. Create it (for example "
                     f"`gcloud storage buckets create gs://{self.bucket}`) or fix the URL."
                 ) from exc
-            raise FileNotFoundError(
-                f"{self.url}: gs://{self.bucket}/{self.object_name(key)} not found"
-            ) from exc
+            raise FileNotFoundError(f"{self.url}: gs://{self.bucket}/{self.full_key(key)} not found") from exc
         except PermissionError as exc:
             raise self._access_error(key, exc) from exc
         except Exception as exc:
@@ -115,7 +100,7 @@ class GCSStore(FsspecStore):
     def _access_error(self, key: str, exc: BaseException) -> StoreAccessError:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StoreAccessError(
-            f"{self.url}: GCS refused the request on gs://{self.bucket}/{self.object_name(key)} "
+            f"{self.url}: GCS refused the request on gs://{self.bucket}/{self.full_key(key)} "
             f"({first_line}). Check the credentials (`token=` in storage_options, "
             "GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`) and the "
             "bucket's IAM permissions."
@@ -138,7 +123,7 @@ class GCSStore(FsspecStore):
             "POST",
             self._upload_url,
             uploadType="media",
-            name=self.object_name(key),
+            name=self.full_key(key),
             headers={"Content-Type": "application/octet-stream"},
             data=data,
             json_out=True,
@@ -148,7 +133,7 @@ class GCSStore(FsspecStore):
         boundary = f"dcp-cloud-{secrets.token_hex(8)}"
         head = (
             f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
-            + json.dumps({"name": self.object_name(key)})
+            + json.dumps({"name": self.full_key(key)})
             + f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
         ).encode()
         body = head + bytes(data) + f"\r\n--{boundary}--\r\n".encode()
@@ -166,7 +151,7 @@ class GCSStore(FsspecStore):
             )
         except FileExistsError:
             raise FileExistsError(
-                f"{self.url}: gs://{self.bucket}/{self.object_name(key)} already exists"
+                f"{self.url}: gs://{self.bucket}/{self.full_key(key)} already exists"
             ) from None
 
     async def get(self, key: str) -> bytes:
@@ -205,9 +190,7 @@ class GCSStore(FsspecStore):
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            params: dict[str, Any] = {
-                "prefix": self.object_name(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
-            }
+            params: dict[str, Any] = {"prefix": self.listing_prefix(prefix)}
             if token:
                 params["pageToken"] = token
             page = await self._gcs(
@@ -218,27 +201,17 @@ class GCSStore(FsspecStore):
             if not token:
                 return items
 
-    def _relative(self, name: str) -> str:
-        return name[len(self.prefix) + 1 :] if self.prefix else name
-
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         infos = []
         for item in await self._list_raw(prefix):
-            key = self._relative(item["name"])
+            key = self.relative_key(item["name"])
             if PART_MARKER in key and _PART_KEY.match(key):
                 continue
             infos.append(ObjectInfo(key, int(item.get("size", 0)), _modified(_times(item))))
         return sorted(infos, key=lambda i: i.key)
 
-    async def delete(self, keys: list[str]) -> None:
-        async def delete_one(key: str) -> None:
-            try:
-                await self._gcs("delete", key, "DELETE", self._object_path(key))
-            except FileNotFoundError as exc:
-                if isinstance(exc, BucketNotFoundError):
-                    raise
-
-        await asyncio.gather(*(delete_one(k) for k in keys))
+    async def _delete_one(self, key: str) -> None:
+        await self._gcs("delete", key, "DELETE", self._object_path(key))
 
     # -- uploads: parts as objects, joined by compose -----------------------------------------
 
@@ -275,8 +248,8 @@ class GCSStore(FsspecStore):
             headers={"Content-Type": "application/json"},
             json={
                 "kind": "storage#composeRequest",
-                "sourceObjects": [{"name": self.object_name(s)} for s in sources],
-                "destination": {"name": self.object_name(key), "bucket": self.bucket},
+                "sourceObjects": [{"name": self.full_key(s)} for s in sources],
+                "destination": {"name": self.full_key(key), "bucket": self.bucket},
             },
             json_out=True,
         )
@@ -286,7 +259,7 @@ class GCSStore(FsspecStore):
             # listed, not only the parts recorded: a part cancelled in flight may have landed
             listed = await self._list_raw(f"{upload.key}{PART_MARKER}{upload.state}/")
             parts = set(upload.parts) | {
-                int(m.group("part")) for o in listed if (m := _PART_KEY.match(self._relative(o["name"])))
+                int(m.group("part")) for o in listed if (m := _PART_KEY.match(self.relative_key(o["name"])))
             }
             await self.delete([part_key(upload.key, upload.state, n) for n in sorted(parts)])
         except Exception:  # the upload is abandoned either way; gc removes leftovers
@@ -295,7 +268,7 @@ class GCSStore(FsspecStore):
     async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
         uploads: dict[tuple[str, str], PendingUpload] = {}
         for item in await self._list_raw(prefix):
-            match = _PART_KEY.match(self._relative(item["name"]))
+            match = _PART_KEY.match(self.relative_key(item["name"]))
             if match is None:
                 continue
             key, upload_id = match.group("key"), match.group("upload")

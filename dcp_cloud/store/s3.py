@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from ..buffers import ViewReader
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
-from .fsspec_store import FsspecStore
+from .bucket import BucketStore
 
 T = TypeVar("T")
 
@@ -69,7 +69,7 @@ def client_error_code(exc: BaseException | None) -> str | None:
     return None
 
 
-class S3Store(FsspecStore):
+class S3Store(BucketStore):
     """Store over an ``s3fs.S3FileSystem``."""
 
     supports_conditional_put = True
@@ -77,16 +77,6 @@ class S3Store(FsspecStore):
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(fs, url, root, max_concurrency)
         self.max_attempts = max_attempts
-        bucket, prefix, _ = fs.split_path(root)
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-
-    @property
-    def loop(self) -> Any:
-        return self.fs.loop
-
-    def s3_key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
 
     def _translate(self, exc: BaseException, key: str) -> BaseException:
         code = client_error_code(exc)
@@ -97,12 +87,12 @@ class S3Store(FsspecStore):
             )
         if code in _ACCESS_CODES or isinstance(exc, PermissionError):
             return StoreAccessError(
-                f"{self.url}: the store refused the request on {self.s3_key(key)!r} ({code or exc}). "
+                f"{self.url}: the store refused the request on {self.full_key(key)!r} ({code or exc}). "
                 "Check the credentials (key/secret, AWS_PROFILE, AWS_* variables) and the "
                 "bucket policy."
             )
         if code == "PreconditionFailed":
-            return FileExistsError(f"{self.url}: {self.s3_key(key)} already exists")
+            return FileExistsError(f"{self.url}: {self.full_key(key)} already exists")
         return exc
 
     async def _client_call(self, method: str, **kwargs: Any) -> Any:
@@ -128,7 +118,7 @@ class S3Store(FsspecStore):
     async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         condition = {"IfNoneMatch": "*"} if if_absent else {}
         await self._s3(
-            "put", key, "put_object", Bucket=self.bucket, Key=self.s3_key(key), Body=data, **condition
+            "put", key, "put_object", Bucket=self.bucket, Key=self.full_key(key), Body=data, **condition
         )
 
     async def _with_body_retries(self, read: Callable[[], Awaitable[T]]) -> T:
@@ -149,7 +139,7 @@ class S3Store(FsspecStore):
     async def _get_into(self, kind: str, key: str, out: memoryview | None, **range_kw: Any) -> Any:
         """One GET; the body goes into ``out`` (returns the byte count) or is returned whole."""
         response = await self._s3(
-            kind, key, "get_object", Bucket=self.bucket, Key=self.s3_key(key), **range_kw
+            kind, key, "get_object", Bucket=self.bucket, Key=self.full_key(key), **range_kw
         )
         body = response["Body"]
         expected = int(response.get("ContentLength", -1))
@@ -185,16 +175,15 @@ class S3Store(FsspecStore):
 
     async def exists(self, key: str) -> bool:
         try:
-            await self._s3("head", key, "head_object", Bucket=self.bucket, Key=self.s3_key(key))
+            await self._s3("head", key, "head_object", Bucket=self.bucket, Key=self.full_key(key))
         except FileNotFoundError:
             return False
         return True
 
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
-        full_prefix = self.s3_key(prefix)
+        full_prefix = self.full_key(prefix)
         infos: list[ObjectInfo] = []
         token: str | None = None
-        strip = len(self.prefix) + 1 if self.prefix else 0
         while True:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix}
             if token:
@@ -204,7 +193,7 @@ class S3Store(FsspecStore):
                 modified = obj.get("LastModified")
                 infos.append(
                     ObjectInfo(
-                        obj["Key"][strip:],
+                        self.relative_key(obj["Key"]),
                         int(obj.get("Size", 0)),
                         modified.timestamp() if modified is not None else None,
                     )
@@ -222,12 +211,12 @@ class S3Store(FsspecStore):
                 batch[0],
                 "delete_objects",
                 Bucket=self.bucket,
-                Delete={"Objects": [{"Key": self.s3_key(k)} for k in batch], "Quiet": True},
+                Delete={"Objects": [{"Key": self.full_key(k)} for k in batch], "Quiet": True},
             )
 
     async def start_upload(self, key: str) -> MultipartUpload:
         response = await self._s3(
-            "start_upload", key, "create_multipart_upload", Bucket=self.bucket, Key=self.s3_key(key)
+            "start_upload", key, "create_multipart_upload", Bucket=self.bucket, Key=self.full_key(key)
         )
         return MultipartUpload(key, response["UploadId"])
 
@@ -239,7 +228,7 @@ class S3Store(FsspecStore):
             upload.key,
             "upload_part",
             Bucket=self.bucket,
-            Key=self.s3_key(upload.key),
+            Key=self.full_key(upload.key),
             UploadId=upload.state,
             PartNumber=part_number,
             Body=ViewReader(data),
@@ -253,7 +242,7 @@ class S3Store(FsspecStore):
             upload.key,
             "complete_multipart_upload",
             Bucket=self.bucket,
-            Key=self.s3_key(upload.key),
+            Key=self.full_key(upload.key),
             UploadId=upload.state,
             MultipartUpload={"Parts": parts},
         )
@@ -261,18 +250,17 @@ class S3Store(FsspecStore):
     async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
         found: list[PendingUpload] = []
         markers: dict[str, str] = {}
-        strip = len(self.prefix) + 1 if self.prefix else 0
         while True:
             page = await self._s3(
                 "list",
                 prefix,
                 "list_multipart_uploads",
                 Bucket=self.bucket,
-                Prefix=self.s3_key(prefix),
+                Prefix=self.full_key(prefix),
                 **markers,
             )
             for item in page.get("Uploads", []):
-                key = item["Key"][strip:]
+                key = self.relative_key(item["Key"])
                 upload = MultipartUpload(key, item["UploadId"])
                 activity = max(item["Initiated"].timestamp(), await self._newest_part(upload))
                 found.append(PendingUpload(key, activity, upload))
@@ -288,7 +276,7 @@ class S3Store(FsspecStore):
             upload.key,
             "list_parts",
             Bucket=self.bucket,
-            Key=self.s3_key(upload.key),
+            Key=self.full_key(upload.key),
             UploadId=upload.state,
         )
         return max((part["LastModified"].timestamp() for part in page.get("Parts", [])), default=0.0)
@@ -300,7 +288,7 @@ class S3Store(FsspecStore):
                 upload.key,
                 "abort_multipart_upload",
                 Bucket=self.bucket,
-                Key=self.s3_key(upload.key),
+                Key=self.full_key(upload.key),
                 UploadId=upload.state,
             )
         except Exception:  # already gone, or the store is unreachable: gc cleans up later

@@ -25,25 +25,31 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from . import AzuriteServer, GCSServer, S3Server
 
 BUCKET = "dcp-cloud-test"
+Server = TypeVar("Server", S3Server, GCSServer, AzuriteServer)
 
 
 def _fresh_prefix() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def _serve(server: Server) -> Iterator[Server]:
+    """Start ``server``, create the bucket, yield it, always stop it."""
+    with server:
+        server.create_bucket(BUCKET)
+        yield server
+
+
 @pytest.fixture(scope="session")
 def dcp_cloud_s3() -> Iterator[S3Server]:
     """A local S3 server (moto) with a bucket named ``dcp-cloud-test``."""
-    with S3Server() as server:
-        server.create_bucket(BUCKET)
-        yield server
+    yield from _serve(S3Server())
 
 
 @pytest.fixture
@@ -55,9 +61,7 @@ def dcp_cloud_s3_url(dcp_cloud_s3: S3Server) -> tuple[str, dict[str, Any]]:
 @pytest.fixture(scope="session")
 def dcp_cloud_gcs() -> Iterator[GCSServer]:
     """A local GCS server (fake-gcs-server) with a bucket named ``dcp-cloud-test``."""
-    with GCSServer() as server:
-        server.create_bucket(BUCKET)
-        yield server
+    yield from _serve(GCSServer())
 
 
 @pytest.fixture
@@ -69,9 +73,7 @@ def dcp_cloud_gcs_url(dcp_cloud_gcs: GCSServer) -> tuple[str, dict[str, Any]]:
 @pytest.fixture(scope="session")
 def dcp_cloud_azure() -> Iterator[AzuriteServer]:
     """A local Azure Blob server (Azurite) with a container named ``dcp-cloud-test``."""
-    with AzuriteServer() as server:
-        server.create_bucket(BUCKET)
-        yield server
+    yield from _serve(AzuriteServer())
 
 
 @pytest.fixture

@@ -1,0 +1,52 @@
+"""What the cloud stores share: a bucket (or container) and a key prefix inside it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..errors import BucketNotFoundError
+from .fsspec_store import FsspecStore
+
+
+class BucketStore(FsspecStore):
+    """Base of the S3, GCS and Azure stores: they call their cloud's API through the client their
+    fsspec backend holds, on that backend's event loop, under ``bucket/prefix``."""
+
+    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16):
+        super().__init__(fs, url, root, max_concurrency)
+        bucket, prefix, _ = fs.split_path(root)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    @property
+    def loop(self) -> Any:
+        return self.fs.loop
+
+    def full_key(self, key: str) -> str:
+        """The object's name in the bucket."""
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def relative_key(self, name: str) -> str:
+        """The key relative to the store root of an object named ``name`` in the bucket."""
+        return name[len(self.prefix) + 1 :] if self.prefix else name
+
+    def listing_prefix(self, prefix: str) -> str:
+        """The bucket-level prefix that lists the keys starting with ``prefix``."""
+        if prefix:
+            return self.full_key(prefix)
+        return f"{self.prefix}/" if self.prefix else ""
+
+    async def _delete_one(self, key: str) -> None:
+        """Delete one object; raises FileNotFoundError when it does not exist."""
+        raise NotImplementedError
+
+    async def delete(self, keys: list[str]) -> None:
+        async def delete_one(key: str) -> None:
+            try:
+                await self._delete_one(key)
+            except FileNotFoundError as exc:
+                if isinstance(exc, BucketNotFoundError):
+                    raise
+
+        await asyncio.gather(*(delete_one(k) for k in keys))
