@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import io
+import itertools
 import logging
 import os
 import pickle
@@ -79,6 +80,25 @@ def _estimated_size(item: WriteItem) -> int:
     for size in item.tensor_data.chunk.sizes:
         numel *= size
     return numel * item.tensor_data.properties.dtype.itemsize
+
+
+# Threads that serialize items at once where the store writes in place (local files).
+_SERIALIZER_THREADS = 8
+# ... each given at least this much: small saves stay in one thread and one object.
+_BYTES_PER_SERIALIZER = 32 * 1024 * 1024
+
+
+def _split_by_size(items: list[WriteItem], count: int) -> list[list[WriteItem]]:
+    """``items`` in at most ``count`` groups of about equal bytes (largest first into the
+    lightest group), each keeping the given order; empty groups are dropped."""
+    groups: list[list[WriteItem]] = [[] for _ in range(max(1, count))]
+    loads = [0] * len(groups)
+    for item in sorted(items, key=_estimated_size, reverse=True):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(item)
+        loads[lightest] += max(_estimated_size(item), 1)
+    order = {id(item): n for n, item in enumerate(items)}
+    return [sorted(group, key=lambda i: order[id(i)]) for group in groups if group]
 
 
 @contextlib.contextmanager
@@ -303,29 +323,62 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             return []
         opts = self.options
         pool = BufferPool(opts.part_size, max(2, opts.memory_budget // opts.part_size))
+        object_numbers = itertools.count()  # shared by the serializing threads
+        if not self.store.writes_in_place:
+            # one thread serializes; the parts it fills upload concurrently
+            groups = [ordered]
+        else:
+            # local files are written from torch.save's memory, so serializing is the work:
+            # spread it over threads, each packing its own objects, as FileSystemWriter does
+            total = sum(_estimated_size(item) for item in ordered)
+            threads = min(_SERIALIZER_THREADS, opts.max_concurrency, max(1, total // _BYTES_PER_SERIALIZER))
+            groups = _split_by_size(ordered, threads)
+        with _torch_save_without_crc32():
+            if len(groups) == 1:
+                outcomes = [self._pack_objects(groups[0], planner, prefix, pool, object_numbers)]
+            else:
+                with concurrent.futures.ThreadPoolExecutor(len(groups), "dcp-cloud-serialize") as threads:
+                    outcomes = list(
+                        threads.map(
+                            lambda group: self._pack_objects(group, planner, prefix, pool, object_numbers),
+                            groups,
+                        )
+                    )
+        closing = [entry for _, entries, _ in outcomes for entry in entries]
+        self._wait_for_objects(closing, next((error for _, _, error in outcomes if error is not None), None))
+        return [result for results, _, _ in outcomes for result in results]
+
+    def _pack_objects(
+        self,
+        items: list[WriteItem],
+        planner: SavePlanner,
+        prefix: _SavePrefix,
+        pool: BufferPool,
+        object_numbers: Iterator[int],
+    ) -> tuple[list[WriteResult], list[tuple[str, concurrent.futures.Future[int]]], BaseException | None]:
+        """Serialize ``items`` into objects of at most ``object_size`` bytes; returns their
+        results, the objects being completed, and the error that stopped it (if any)."""
         results: list[WriteResult] = []
         closing: list[tuple[str, concurrent.futures.Future[int]]] = []
         upload: ObjectUpload | None = None
         try:
-            with _torch_save_without_crc32():
-                for item in ordered:
-                    if upload is None or (
-                        upload.tell() and upload.tell() + _estimated_size(item) > opts.object_size
-                    ):
-                        if upload is not None:
-                            closing.append((upload.key, upload.close_async()))
-                        key = layout.data_key(prefix.save_id, prefix.file_prefix, len(closing))
-                        upload = ObjectUpload(self.store, key, pool)
-                    results.append(self._write_item(upload, item, planner))
+            for item in items:
+                if upload is None or (
+                    upload.tell() and upload.tell() + _estimated_size(item) > self.options.object_size
+                ):
+                    if upload is not None:
+                        closing.append((upload.key, upload.close_async()))
+                    key = layout.data_key(prefix.save_id, prefix.file_prefix, next(object_numbers))
+                    upload = ObjectUpload(self.store, key, pool)
+                results.append(self._write_item(upload, item, planner))
             assert upload is not None
             closing.append((upload.key, upload.close_async()))
             upload = None
-            self._wait_for_objects(closing)
-        except BaseException:
+        except BaseException as exc:
             if upload is not None:
                 upload.abort()
-            raise
-        return results
+            return results, closing, exc
+        return results, closing, None
 
     def _write_item(self, upload: ObjectUpload, item: WriteItem, planner: SavePlanner) -> WriteResult:
         data = planner.resolve_data(item)
@@ -346,17 +399,22 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             index=item.index, size_in_bytes=length, storage_data=_WrittenItem(info, upload.end_item())
         )
 
-    def _wait_for_objects(self, closing: list[tuple[str, concurrent.futures.Future[int]]]) -> None:
-        """Wait until every object is complete; on a failure, remove the ones that completed."""
+    def _wait_for_objects(
+        self, closing: list[tuple[str, concurrent.futures.Future[int]]], failure: BaseException | None = None
+    ) -> None:
+        """Wait until every object is complete; on a failure (of an object, or ``failure``
+        while serializing), remove the ones that completed."""
         concurrent.futures.wait([f for _, f in closing])
         failed = [f for _, f in closing if f.exception() is not None]
-        if failed:
+        if failed or failure is not None:
             done = [key for key, f in closing if f.exception() is None]
             if done:
                 try:
                     self.store.run(self.store.delete(done))
                 except Exception:  # debris for gc; the save fails either way
                     pass
+            if failure is not None:
+                raise failure
             raise failed[0].exception()  # type: ignore[misc]
 
     def _refuse_if_committed(self) -> None:

@@ -191,3 +191,26 @@ def test_uploads_carry_checksums_the_server_can_check(s3_target: Target) -> None
     dcp.save(_state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
     uploads = [r for r in _ckpt_requests(s3_target) if r.kind in ("upload_part", "put_object")]
     assert uploads and all(r.checksums for r in uploads), [(r.kind, r.checksums) for r in uploads]
+
+
+def test_a_failing_serializer_thread_fails_a_local_save_and_leaves_no_debris(tmp_path: Any) -> None:
+    """On local folders items are serialized on several threads (one object each): one thread
+    failing fails the save, the old checkpoint stays, and the other threads' objects are removed."""
+    from dcp_cloud import CloudStorageReader, CloudStorageWriter
+
+    url = str(tmp_path / "ckpt")
+    state = {f"big{i}": torch.full((9 * 1024 * 1024,), 1.0) for i in range(4)}  # 144 MiB: 4 threads
+    dcp.save({**state, "small": torch.ones(4)}, storage_writer=CloudStorageWriter(url))
+    committed = sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*") if p.is_file())
+    assert len([p for p in committed if p.suffix == ".distcp"]) >= 2  # several serializer threads
+    with pytest.raises(CheckpointException) as info:
+        dcp.save(
+            {**{k: v * 2 for k, v in state.items()}, "small": torch.ones(4) * 2},
+            storage_writer=CloudStorageWriter(url),
+            planner=FailingPlanner(),
+        )
+    assert "injected failure" in failure_text(info.value)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*") if p.is_file()) == committed
+    out = {**{k: torch.zeros_like(v) for k, v in state.items()}, "small": torch.zeros(4)}
+    dcp.load(out, storage_reader=CloudStorageReader(url))
+    assert all(torch.equal(out[k], v) for k, v in state.items()) and torch.equal(out["small"], torch.ones(4))

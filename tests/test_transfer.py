@@ -65,13 +65,14 @@ def test_local_folders_write_from_torch_save_memory_without_parts(tmp_path: Any)
     url = str(tmp_path / "ckpt")
     writer = CloudStorageWriter(url, part_size=5 * MiB, memory_budget=10 * MiB)
     assert writer.store.writes_in_place
-    state = {"a": torch.randn(10 * MiB), "b": torch.randn(3 * MiB), "step": 7}  # 52 MiB
+    state = {"a": torch.randn(10 * MiB), "b": torch.randn(10 * MiB), "step": 7}  # 80 MiB: 2 threads
     dcp.save(state, storage_writer=writer)
     requests = writer.last_stats.requests  # type: ignore[union-attr]
     assert "upload_part" not in requests and requests["write"] >= 2, requests
-    assert requests["complete_upload"] == 1  # one object, renamed into place once complete
+    # items are serialized on several threads, each into objects of its own, renamed into place
+    assert requests["complete_upload"] == writer.last_stats.objects >= 2  # type: ignore[union-attr]
     assert not [p for p in (tmp_path / "ckpt").rglob("*") if ".tmp-" in p.name]
-    out = {"a": torch.zeros(10 * MiB), "b": torch.zeros(3 * MiB), "step": 0}
+    out = {"a": torch.zeros(10 * MiB), "b": torch.zeros(10 * MiB), "step": 0}
     dcp.load(out, storage_reader=CloudStorageReader(url))
     assert torch.equal(out["a"], state["a"]) and torch.equal(out["b"], state["b"]) and out["step"] == 7
 
