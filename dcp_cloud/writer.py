@@ -147,9 +147,9 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         filesystem: an existing fsspec filesystem to use instead of ``storage_options``.
         part_size: bytes per multipart part (at least 5 MiB).
         max_concurrency: requests in flight per process.
-        memory_budget: bytes of part buffers per process (default 160 MiB, ten parts in flight, or
-            two parts if they are larger;
-            raise it on links where each connection is slow, to keep more parts in flight).
+        memory_budget: bytes of part buffers per process (default 160 MiB: ten 16 MiB parts in
+            flight, or two parts if parts are larger). Raise it where each connection is slow
+            (high latency), to keep more parts in flight.
         object_size: a rank starts a new data object past this many bytes (default 128 MiB, or
             one part if parts are larger).
         max_attempts: tries per request, retries included (throttling, 5xx, broken
@@ -331,8 +331,10 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             # local files are written from torch.save's memory, so serializing is the work:
             # spread it over threads, each packing its own objects, as FileSystemWriter does
             total = sum(_estimated_size(item) for item in ordered)
-            threads = min(_SERIALIZER_THREADS, opts.max_concurrency, max(1, total // _BYTES_PER_SERIALIZER))
-            groups = _split_by_size(ordered, threads)
+            thread_count = min(
+                _SERIALIZER_THREADS, opts.max_concurrency, max(1, total // _BYTES_PER_SERIALIZER)
+            )
+            groups = _split_by_size(ordered, thread_count)
         with _torch_save_without_crc32():
             if len(groups) == 1:
                 outcomes = [self._pack_objects(groups[0], planner, prefix, pool, object_numbers)]

@@ -1,8 +1,10 @@
 """Local folders (``file://`` and plain paths): atomic renames, parallel positional writes.
 
-A multipart upload is a hidden temporary file that parts are ``pwrite``-n into at their offsets,
-concurrently; completing it renames the file into place, which POSIX makes atomic. Single-object
-writes go through the same temp-and-rename, so ``.metadata`` is never seen half written.
+A multipart upload is a hidden temporary file that bytes are ``pwrite``-n into at their offsets:
+straight from torch.save's memory (``write_in_place``, large writes split over threads), or as
+parts; completing it fsyncs once and renames the file into place, which POSIX makes atomic.
+Single-object writes go through the same temp-and-rename, so ``.metadata`` is never seen half
+written.
 """
 
 from __future__ import annotations
