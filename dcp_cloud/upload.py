@@ -19,6 +19,7 @@ import crc32c
 from .buffers import BufferPool
 from .errors import DcpCloudError, UploadError
 from .store import MultipartUpload, ObjectStore
+from .store.base import WritesInPlace
 
 
 class ObjectUpload:
@@ -39,6 +40,8 @@ class ObjectUpload:
         self._item_crc = 0
         self._closed = False
         self.failure: Exception | None = None
+        # local files: bytes go from torch.save's memory to the file, without part buffers
+        self._in_place = store if isinstance(store, WritesInPlace) else None
 
     # -- the file-like surface torch.save needs ------------------------------------------------
 
@@ -46,8 +49,8 @@ class ObjectUpload:
         view = memoryview(data).cast("B")
         size = len(view)
         self._item_crc = crc32c.crc32c(view, self._item_crc)
-        if self.store.writes_in_place:
-            self._write_in_place(view)
+        if self._in_place is not None:
+            self._write_in_place(self._in_place, view)
             return size
         while view:
             if self._buffer is None:
@@ -62,13 +65,13 @@ class ObjectUpload:
         self._position += size
         return size
 
-    def _write_in_place(self, view: memoryview) -> None:
+    def _write_in_place(self, store: WritesInPlace, view: memoryview) -> None:
         """Local files: write from torch.save's memory at once; no part buffers, no second copy
         (the view is valid only during this call, so it cannot be queued)."""
         if self._upload is None:
             self._upload = self.store.submit(self.store.start_upload(self.key))
         try:
-            self.store.write_in_place(self._upload.result(), self._position, view)
+            store.write_in_place(self._upload.result(), self._position, view)
         except Exception as exc:
             # Kept: torch.save turns errors raised inside write() into its own RuntimeError.
             self.failure = self._error(exc)

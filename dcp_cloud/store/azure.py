@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
-from .bucket import BucketStore
+from .bucket import BucketStore, delete_each
 
 
 def block_id(upload_id: str, part_number: int) -> str:
@@ -58,15 +58,14 @@ class AzureBlobStore(BucketStore):
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(fs, url, root, max_concurrency)
-        self.container = self.bucket
         _tune_retries(fs.service_client, max_attempts)
 
     @property
     def _container_client(self) -> Any:
-        return self.fs.service_client.get_container_client(self.container)
+        return self.fs.service_client.get_container_client(self.bucket)
 
     def _blob(self, key: str) -> Any:
-        return self.fs.service_client.get_blob_client(self.container, self.full_key(key))
+        return self.fs.service_client.get_blob_client(self.bucket, self.full_key(key))
 
     async def _azure(self, kind: str, key: str, call: Any) -> Any:
         """Await one SDK request (the SDK's retries included), errors translated."""
@@ -77,14 +76,14 @@ class AzureBlobStore(BucketStore):
             ResourceNotFoundError,
         )
 
-        where = f"{self.container}/{self.full_key(key)}"
+        where = f"{self.bucket}/{self.full_key(key)}"
         try:
             return await self._request(kind, call)
         except ResourceNotFoundError as exc:
             if getattr(exc, "error_code", None) == "ContainerNotFound":
                 raise BucketNotFoundError(
-                    f"{self.url}: container {self.container!r} does not exist. Create it (for "
-                    f"example `az storage container create --name {self.container}`) or fix the URL."
+                    f"{self.url}: container {self.bucket!r} does not exist. Create it (for "
+                    f"example `az storage container create --name {self.bucket}`) or fix the URL."
                 ) from exc
             raise FileNotFoundError(f"{self.url}: blob {where} not found") from exc
         except ResourceExistsError as exc:
@@ -162,6 +161,9 @@ class AzureBlobStore(BucketStore):
             for blob in await self._list(prefix)
         ]
         return sorted(infos, key=lambda i: i.key)
+
+    async def delete(self, keys: list[str]) -> None:
+        await delete_each(keys, self._delete_one)
 
     async def _delete_one(self, key: str) -> None:
         await self._azure("delete", key, self._blob(key).delete_blob())

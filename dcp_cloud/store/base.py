@@ -12,7 +12,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import fsspec.asyn
 
@@ -51,6 +51,17 @@ class MultipartUpload:
     parts: dict[int, Any] = field(default_factory=dict)
 
 
+@runtime_checkable
+class WritesInPlace(Protocol):
+    """A store that takes an upload's bytes straight from the caller's memory (a local file, where
+    copying into part buffers first would only cost a second copy)."""
+
+    def write_in_place(
+        self, upload: MultipartUpload, offset: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        """Write ``data`` at ``offset`` of an upload now, in the calling thread."""
+
+
 class ObjectStore(abc.ABC):
     """Async operations on objects under one root (bucket plus prefix, or a folder).
 
@@ -61,8 +72,6 @@ class ObjectStore(abc.ABC):
 
     #: whether ``put(if_absent=True)`` is enforced by the store itself, atomically
     supports_conditional_put: bool = False
-    #: whether ``write_in_place`` can take an upload's bytes straight from the caller's memory
-    writes_in_place: bool = False
 
     def __init__(self, url: str, root: str, max_concurrency: int = 16) -> None:
         self.url = url
@@ -72,6 +81,11 @@ class ObjectStore(abc.ABC):
         #: seconds one request may take, retries included (None: no limit)
         self.deadline: float | None = None
         self._semaphore: asyncio.Semaphore | None = None
+
+    @property
+    def writes_in_place(self) -> bool:
+        """Whether this store is a :class:`WritesInPlace` store."""
+        return isinstance(self, WritesInPlace)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -152,14 +166,6 @@ class ObjectStore(abc.ABC):
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         """Send part ``part_number`` (1-based) that starts at byte ``offset`` of the object."""
-
-    def write_in_place(
-        self, upload: MultipartUpload, offset: int, data: bytes | bytearray | memoryview
-    ) -> None:
-        """Write ``data`` at ``offset`` of an upload now, in the calling thread, from the
-        caller's memory (stores with ``writes_in_place``: a local file, where copying into part
-        buffers first would only cost a second copy)."""
-        raise NotImplementedError(f"{type(self).__name__} has no in-place writes")
 
     @abc.abstractmethod
     async def complete_upload(self, upload: MultipartUpload) -> None:

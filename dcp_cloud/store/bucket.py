@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import BucketNotFoundError
@@ -37,16 +38,16 @@ class BucketStore(FsspecStore):
             return self.full_key(prefix)
         return f"{self.prefix}/" if self.prefix else ""
 
-    async def _delete_one(self, key: str) -> None:
-        """Delete one object; raises FileNotFoundError when it does not exist."""
-        raise NotImplementedError
 
-    async def delete(self, keys: list[str]) -> None:
-        async def delete_one(key: str) -> None:
-            try:
-                await self._delete_one(key)
-            except FileNotFoundError as exc:
-                if isinstance(exc, BucketNotFoundError):
-                    raise
+async def delete_each(keys: list[str], delete_one: Callable[[str], Awaitable[None]]) -> None:
+    """Delete ``keys`` concurrently, one request each (stores without a batch delete), ignoring
+    objects that are already gone but not a missing bucket."""
 
-        await asyncio.gather(*(delete_one(k) for k in keys))
+    async def delete(key: str) -> None:
+        try:
+            await delete_one(key)
+        except FileNotFoundError as exc:
+            if isinstance(exc, BucketNotFoundError):
+                raise
+
+    await asyncio.gather(*(delete(k) for k in keys))

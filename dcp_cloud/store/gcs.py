@@ -32,7 +32,7 @@ from gcsfs.retry import retry_request, validate_response
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
-from .bucket import BucketStore
+from .bucket import BucketStore, delete_each
 from .fsspec_store import _modified
 
 T = TypeVar("T")
@@ -209,6 +209,9 @@ class GCSStore(BucketStore):
                 continue
             infos.append(ObjectInfo(key, int(item.get("size", 0)), _modified(_times(item))))
         return sorted(infos, key=lambda i: i.key)
+
+    async def delete(self, keys: list[str]) -> None:
+        await delete_each(keys, self._delete_one)
 
     async def _delete_one(self, key: str) -> None:
         await self._gcs("delete", key, "DELETE", self._object_path(key))

@@ -28,7 +28,6 @@ class LocalStore(ObjectStore):
     """Store over a local folder."""
 
     supports_conditional_put = True
-    writes_in_place = True
 
     def __init__(self, url: str, root: str, max_concurrency: int = 16, fsync: bool = True):
         super().__init__(url, os.path.abspath(root), max_concurrency)

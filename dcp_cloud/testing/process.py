@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import os
 import shutil
 import socket
@@ -34,10 +35,11 @@ def find_executable(name: str, env_var: str) -> str | None:
     return str(beside) if beside.exists() else None
 
 
-class ChildServer:
+class ChildServer(abc.ABC):
     """Base of the local test servers: a command run in a child process, answering over HTTP.
 
-    Subclasses set ``name`` and implement ``command`` and ``probe_url``. Usable as a context
+    Subclasses set ``name`` and implement ``command``; ``probe_url`` is the URL polled until the
+    server answers. Usable as a context
     manager; ``stop`` always removes the server's temporary folder.
     """
 
@@ -52,8 +54,9 @@ class ChildServer:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line."""
 
     def probe_url(self) -> str:
         return self.endpoint_url + "/"
