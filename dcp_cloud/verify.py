@@ -247,6 +247,13 @@ def _check_crcs(
     in_flight: collections.deque[tuple[_Window, concurrent.futures.Future[bytes]]] = collections.deque()
     failed: set[str] = set()
 
+    def fail(window: _Window, kind: str, what: str) -> None:
+        failed.add(window.key)
+        names = _names(window.items)
+        report.problems.append(
+            Problem(window.key, kind, f"{store.url}/{window.key}: {what}; tensors {_shown(names)}", names)
+        )
+
     def fill() -> None:
         while len(in_flight) < lookahead:
             window = next(windows, None)
@@ -262,31 +269,20 @@ def _check_crcs(
             data = future.result()
         except (OSError, ValueError) as exc:
             if window.key not in failed:
-                failed.add(window.key)
-                names = _names(window.items)
-                report.problems.append(
-                    Problem(
-                        window.key,
-                        UNREADABLE,
-                        f"{store.url}/{window.key}: reading bytes [{window.start}, {window.end}) "
-                        f"failed ({type(exc).__name__}: {exc}); tensors {_shown(names)}",
-                        names,
-                    )
+                fail(
+                    window,
+                    UNREADABLE,
+                    f"reading bytes [{window.start}, {window.end}) failed ({type(exc).__name__}: {exc})",
                 )
             continue
         if window.key in failed:
             continue
         if len(data) != window.end - window.start:
-            failed.add(window.key)
-            names = _names(window.items)
-            report.problems.append(
-                Problem(
-                    window.key,
-                    SIZE,
-                    f"{store.url}/{window.key}: read {len(data)} of {window.end - window.start} bytes "
-                    f"at offset {window.start} (changed while verifying?); tensors {_shown(names)}",
-                    names,
-                )
+            fail(
+                window,
+                SIZE,
+                f"read {len(data)} of {window.end - window.start} bytes at offset {window.start} "
+                "(changed while verifying?)",
             )
             continue
         report.bytes_read += len(data)

@@ -220,6 +220,10 @@ class S3Store(BucketStore):
         )
         return MultipartUpload(key, response["UploadId"])
 
+    def _upload_args(self, upload: MultipartUpload) -> dict[str, Any]:
+        """The arguments that name a multipart upload in S3's API."""
+        return {"Bucket": self.bucket, "Key": self.full_key(upload.key), "UploadId": upload.state}
+
     async def upload_part(
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
@@ -227,9 +231,7 @@ class S3Store(BucketStore):
             "upload_part",
             upload.key,
             "upload_part",
-            Bucket=self.bucket,
-            Key=self.full_key(upload.key),
-            UploadId=upload.state,
+            **self._upload_args(upload),
             PartNumber=part_number,
             Body=ViewReader(data),
         )
@@ -241,9 +243,7 @@ class S3Store(BucketStore):
             "complete_upload",
             upload.key,
             "complete_multipart_upload",
-            Bucket=self.bucket,
-            Key=self.full_key(upload.key),
-            UploadId=upload.state,
+            **self._upload_args(upload),
             MultipartUpload={"Parts": parts},
         )
 
@@ -275,9 +275,7 @@ class S3Store(BucketStore):
             "list",
             upload.key,
             "list_parts",
-            Bucket=self.bucket,
-            Key=self.full_key(upload.key),
-            UploadId=upload.state,
+            **self._upload_args(upload),
         )
         return max((part["LastModified"].timestamp() for part in page.get("Parts", [])), default=0.0)
 
@@ -287,9 +285,7 @@ class S3Store(BucketStore):
                 "abort_upload",
                 upload.key,
                 "abort_multipart_upload",
-                Bucket=self.bucket,
-                Key=self.full_key(upload.key),
-                UploadId=upload.state,
+                **self._upload_args(upload),
             )
         except Exception:  # already gone, or the store is unreachable: gc cleans up later
             pass
