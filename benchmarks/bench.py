@@ -105,6 +105,8 @@ ASYNC_CONTENDERS = ("dcp_cloud", "fsspec_t8", "filesystem_t8")
 TORCH_T8 = {"s3": "fsspec_t8", "gcs": "fsspec_t8", "azure": "fsspec_t8", "file": "filesystem_t8"}
 ALL_OPS = ("save", "load", "async_save")
 REGION = "us-east-1"
+# botocore's switch for S3 bodies without a SHA-256 signature (config_kwargs of s3fs/dcp_cloud)
+UNSIGNED_PAYLOAD = {"s3": {"payload_signing_enabled": False}}
 RAW_PART_SIZE = 16 * MiB
 RSS_SAMPLE_INTERVAL_S = 0.01
 
@@ -408,13 +410,14 @@ def _boto3_client(spec: WorkerSpec) -> Any:
     import boto3
     from botocore.config import Config
 
+    s3_config = (spec.storage_options.get("config_kwargs") or {}).get("s3")  # --unsigned-payload
     return boto3.client(
         "s3",
         endpoint_url=spec.endpoint_url,
         region_name=REGION,
         aws_access_key_id=spec.storage_options.get("key"),
         aws_secret_access_key=spec.storage_options.get("secret"),
-        config=Config(max_pool_connections=2 * spec.raw_streams),
+        config=Config(max_pool_connections=2 * spec.raw_streams, s3=s3_config),
     )
 
 
@@ -819,6 +822,8 @@ def open_endpoint(args: argparse.Namespace) -> Iterator[Endpoint]:
             server_url = server.endpoint_url
             options = dict(server.storage_options)
             env = dict(server.env)
+        if args.unsigned_payload:
+            options = {**options, "config_kwargs": {**options.get("config_kwargs", {}), **UNSIGNED_PAYLOAD}}
         proxy = None
         url = server_url
         server_options = options
@@ -1281,6 +1286,8 @@ def setting_text(args: argparse.Namespace, endpoint: Endpoint | None = None) -> 
         where += f", emulated cloud: +{args.latency_ms:g} ms per request, {cap}"
     elif args.proxy:
         where += ", through the counting proxy (no latency, no cap)"
+    if args.unsigned_payload:
+        where += "; botocore clients send bodies unsigned (with a CRC32), as over HTTPS"
     return where
 
 
@@ -1293,6 +1300,8 @@ def default_name(args: argparse.Namespace) -> str:
         base = args.server if args.store == "s3" else EMULATORS[args.store]
     if args.latency_ms or args.bandwidth_mbps:
         base += f"-lat{args.latency_ms:g}ms-bw{args.bandwidth_mbps:g}MBps"
+    if args.unsigned_payload:
+        base += "-unsigned"
     if args.scaling:
         return f"scaling-{base}"
     return f"{base}-{args.size_mib}mib"
@@ -1660,6 +1669,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="put the proxy in the path without latency or cap, to count requests",
     )
+    cloud.add_argument(
+        "--unsigned-payload",
+        action="store_true",
+        help="S3 over http: botocore-based contenders (dcp_cloud, FsspecWriter/Reader, raw) send "
+        "bodies unsigned with a CRC32 checksum, as botocore does over HTTPS, instead of SHA-256-"
+        "signing every body (s3torchconnector's CRT client decides for itself)",
+    )
     knobs = parser.add_argument_group("knobs")
     knobs.add_argument(
         "--raw-streams",
@@ -1719,9 +1735,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--bucket must be at least 3 characters")
     if args.store == "file" and (args.latency_ms or args.bandwidth_mbps or args.proxy or args.endpoint_url):
         parser.error("--store file takes no --endpoint-url, proxy or emulated-cloud flags")
-    if args.store != "s3" and (args.server or args.endpoint_url):
+    if args.store != "s3" and (args.server or args.endpoint_url or args.unsigned_payload):
         parser.error(
-            f"--server and --endpoint-url are for --store s3; --store {args.store} starts its own server"
+            f"--server, --endpoint-url and --unsigned-payload are for --store s3; --store {args.store} "
+            "starts its own server"
         )
     args.server = args.server or ("moto" if args.store == "s3" else None)
     if args.rounds < 1 or args.raw_streams < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +34,18 @@ class FetchRange:
 
 
 def plan_fetches(
-    requests: list[ReadItem], storage_data: dict[Any, Any], max_range: int, gap: int
+    requests: list[ReadItem],
+    storage_data: dict[Any, Any],
+    max_range: int,
+    gap: int,
+    keep_apart: Callable[[str, StoredItem], bool] | None = None,
 ) -> list[FetchRange]:
     """Group ReadItems by stored item, then merge nearby items of an object into ranges.
 
     Items are never split; neighbours closer than ``gap`` bytes are merged while the range
     stays within ``max_range`` bytes. Several ReadItems of one stored item (resharding) are
-    served by one fetch and one decode.
+    served by one fetch and one decode. Items for which ``keep_apart(key, item)`` holds get a
+    range of their own.
     """
     by_object: dict[str, dict[tuple[int, int], StoredItem]] = defaultdict(dict)
     for request in requests:
@@ -55,6 +61,10 @@ def plan_fetches(
         current: FetchRange | None = None
         for item in sorted(items.values(), key=lambda i: i.offset):
             end = item.offset + item.length
+            if keep_apart is not None and keep_apart(key, item):
+                ranges.append(FetchRange(key, item.offset, end, [item]))
+                current = None
+                continue
             if (
                 current is not None
                 and item.offset - current.end <= gap

@@ -2,18 +2,31 @@
 
 It is a small JSON object at ``<save_id>/manifest.json``, written by the coordinator just before
 ``.metadata``. Readers that don't know it (torch's FileSystemReader) ignore it; our reader uses it
-to check every item's CRC32C and every object's size.
+to check every item's CRC32C and every object's size, and to read large tensors' bytes straight
+into their destination (each large tensor item records where its raw bytes lie).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT = "dcp_cloud.manifest"
-VERSION = 1
+VERSION = 2  # 2: item payloads and the writer's byte order
+_READABLE_VERSIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class PayloadRecord:
+    """Where a tensor item's raw bytes (its storage, row-major, contiguous) lie in the item."""
+
+    #: from the item's first byte
+    offset: int
+    length: int
+    crc32c: int
 
 
 @dataclass(frozen=True)
@@ -23,6 +36,21 @@ class ItemRecord:
     offset: int
     length: int
     crc32c: int
+    payload: PayloadRecord | None = None
+
+    def to_json(self) -> list[int]:
+        fields = [self.offset, self.length, self.crc32c]
+        if self.payload is not None:
+            fields += [self.payload.offset, self.payload.length, self.payload.crc32c]
+        return fields
+
+    @classmethod
+    def from_json(cls, fields: list[Any]) -> ItemRecord:
+        if len(fields) not in (3, 6):
+            raise ValueError(f"an item record has 3 or 6 fields, not {len(fields)}")
+        offset, length, crc = (int(f) for f in fields[:3])
+        payload = PayloadRecord(*(int(f) for f in fields[3:])) if len(fields) == 6 else None
+        return cls(offset, length, crc, payload)
 
 
 @dataclass
@@ -36,6 +64,8 @@ class Manifest:
     dcp_cloud_version: str = ""
     #: objects of the checkpoint this save replaced, deleted when the next save commits
     replaced: set[str] = field(default_factory=set)
+    #: byte order of the machine that wrote the payloads (torch.save writes native order)
+    byteorder: str = sys.byteorder
 
     def object_size(self, key: str) -> int:
         return max((r.offset + r.length for r in self.objects.get(key, ())), default=0)
@@ -57,10 +87,11 @@ class Manifest:
             "torch_version": self.torch_version,
             "dcp_cloud_version": self.dcp_cloud_version,
             "replaced": sorted(self.replaced),
+            "byteorder": self.byteorder,
             "objects": {
                 key: {
                     "size": self.object_size(key),
-                    "items": [[r.offset, r.length, r.crc32c] for r in records],
+                    "items": [r.to_json() for r in records],
                 }
                 for key, records in sorted(self.objects.items())
             },
@@ -72,13 +103,14 @@ class Manifest:
         doc = json.loads(data)
         if doc.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} document")
-        if doc.get("version", 0) > VERSION:
+        version = doc.get("version", 0)
+        if version not in _READABLE_VERSIONS:
             raise ValueError(
-                f"manifest version {doc['version']} is newer than this dcp_cloud understands "
-                f"({VERSION}); upgrade dcp-cloud"
+                f"manifest version {version} is not one this dcp_cloud understands "
+                f"({', '.join(map(str, _READABLE_VERSIONS))}); upgrade dcp-cloud"
             )
         objects = {
-            key: [ItemRecord(int(o), int(n), int(c)) for o, n, c in entry["items"]]
+            key: [ItemRecord.from_json(fields) for fields in entry["items"]]
             for key, entry in doc["objects"].items()
         }
         return cls(
@@ -88,4 +120,6 @@ class Manifest:
             torch_version=doc.get("torch_version", ""),
             dcp_cloud_version=doc.get("dcp_cloud_version", ""),
             replaced=set(doc.get("replaced", [])),
+            # version 1 recorded no payloads, so its byte order never matters
+            byteorder=doc.get("byteorder", sys.byteorder),
         )

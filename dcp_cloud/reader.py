@@ -8,9 +8,11 @@ import io
 import logging
 import os
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import crc32c
+import torch
 import torch.distributed as dist
 from fsspec import AbstractFileSystem
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -23,6 +25,7 @@ from . import layout
 from .buffers import ByteBudget, ReadBuffers
 from .connection import StoreConnection
 from .decode import load_tensor
+from .direct import DirectReads, tensor_memory
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -30,7 +33,7 @@ from .errors import (
     IncompleteCheckpointError,
 )
 from .fetch import FetchRange, StoredItem, plan_fetches, split_range
-from .manifest import ItemRecord, Manifest
+from .manifest import ItemRecord, Manifest, PayloadRecord
 from .options import MiB, TransferOptions
 from .safe_pickle import load_metadata
 from .stats import StatsRecorder, TransferStats
@@ -99,6 +102,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
         self.last_stats: TransferStats | None = None
         self.storage_data: dict[Any, Any] = {}
         self._manifest: Manifest | None = None
+        self._metadata: Metadata | None = None
 
     def __repr__(self) -> str:
         return f"CloudStorageReader({redact_url(self.url)!r})"
@@ -109,6 +113,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
         self._set_url(checkpoint_id)
         self.storage_data = {}
         self._manifest = None
+        self._metadata = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
@@ -130,6 +135,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
         if metadata.storage_data is None:
             raise CorruptCheckpointError(f"{self.store.url}: .metadata has no storage_data")
         self.storage_data = metadata.storage_data
+        self._metadata = metadata
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -141,34 +147,50 @@ class CloudStorageReader(StoreConnection, StorageReader):
         store = self.store
         recorder = StatsRecorder("load", store.url, store.counter)
         opts = self.options
-        ranges = plan_fetches(plan.items, self.storage_data, opts.part_size, opts.coalesce_gap)
+        # payloads of half a part or more are worth a request of their own
+        direct = DirectReads(self._manifest, self._metadata, opts.part_size // 2)
+        ranges = plan_fetches(
+            plan.items,
+            self.storage_data,
+            opts.part_size,
+            opts.coalesce_gap,
+            keep_apart=lambda key, item: direct.payload(key, item) is not None,
+        )
         records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
         budget = ByteBudget(opts.memory_budget)
         buffers = ReadBuffers(granule=MiB, limit=opts.memory_budget)
         waiting = deque(ranges)
-        in_flight: dict[concurrent.futures.Future[Any], tuple[FetchRange, Any]] = {}
+        in_flight: dict[concurrent.futures.Future[Any], _InFlight] = {}
+        fetched = direct_items = 0
         try:
             while waiting or in_flight:
                 while waiting and budget.try_acquire(buffers.capacity(waiting[0].size)):
                     fetch = waiting.popleft()
-                    buffer, view = buffers.get(fetch.size)
-                    in_flight[store.submit(self._fetch(fetch, view))] = (fetch, buffer)
+                    pending = self._start(fetch, direct, planner, buffers)
+                    in_flight[pending.future] = pending
+                    fetched += pending.size
                 done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
-                    fetch, buffer = in_flight.pop(future)
-                    data = self._fetched(fetch, future)
-                    self._decode(fetch, data, planner, records)
+                    pending = in_flight.pop(future)
+                    data = self._fetched(pending.fetch, future)
+                    if pending.target is not None:
+                        self._commit_direct(pending, planner)
+                        direct_items += 1
+                    else:
+                        self._decode(pending.fetch, data, planner, records)
+                        assert pending.buffer is not None
+                        buffers.put(pending.buffer)
                     del data
-                    buffers.put(buffer)
-                    budget.release(buffers.capacity(fetch.size))
+                    budget.release(buffers.capacity(pending.fetch.size))
         except BaseException:
             for future in in_flight:
                 future.cancel()
             raise
         stats = recorder.stats
-        stats.bytes = sum(r.size for r in ranges)
+        stats.bytes = fetched
         stats.objects = len({r.key for r in ranges})
         stats.items = len(plan.items)
+        stats.direct_items = direct_items
         self.last_stats = recorder.finish()
         logger.info("%s (rank %d)", self.last_stats.summary(), self.rank)
         completed: Future[None] = Future()
@@ -177,16 +199,34 @@ class CloudStorageReader(StoreConnection, StorageReader):
 
     # -- fetching ------------------------------------------------------------------------------
 
-    async def _fetch(self, fetch: FetchRange, out: memoryview) -> memoryview:
-        """Fill ``out`` with the range, in concurrent pieces of at most ``part_size`` bytes."""
+    def _start(
+        self, fetch: FetchRange, direct: DirectReads, planner: LoadPlanner, buffers: ReadBuffers
+    ) -> _InFlight:
+        """Submit one range: a payload straight into its destination tensor when it can go
+        there, else the whole range into a fetch buffer."""
+        store = self.store
+        payload = direct.payload(fetch.key, fetch.items[0]) if len(fetch.items) == 1 else None
+        if payload is not None:
+            request = fetch.items[0].requests[0]
+            target = direct.destination(request, planner)
+            if target is not None:
+                start = fetch.start + payload.offset
+                future = store.submit(self._fetch(fetch.key, start, tensor_memory(target)))
+                return _InFlight(future, fetch, payload.length, target=target, payload=payload)
+        buffer, view = buffers.get(fetch.size)
+        return _InFlight(store.submit(self._fetch(fetch.key, fetch.start, view)), fetch, fetch.size, buffer)
+
+    async def _fetch(self, key: str, start: int, out: memoryview) -> memoryview:
+        """Fill ``out`` with the object's bytes from ``start``, in concurrent pieces of at most
+        ``part_size`` bytes."""
         store = self.store
 
-        async def piece(start: int, end: int) -> None:
-            got = await store.read_into(fetch.key, start, out[start - fetch.start : end - fetch.start])
-            if got != end - start:
-                raise _ShortRead(start - fetch.start + got, fetch.size)
+        async def piece(a: int, b: int) -> None:
+            got = await store.read_into(key, a, out[a - start : b - start])
+            if got != b - a:
+                raise _ShortRead(a - start + got, len(out))
 
-        pieces = split_range(fetch.start, fetch.end, self.options.part_size)
+        pieces = split_range(start, start + len(out), self.options.part_size)
         await asyncio.gather(*(piece(a, b) for a, b in pieces))
         return out
 
@@ -202,22 +242,35 @@ class CloudStorageReader(StoreConnection, StorageReader):
                 "load an earlier checkpoint."
             ) from exc
         except _ShortRead as exc:
-            raise self._truncated(where, fetch, exc.got) from None
+            raise self._truncated(where, fetch, exc.got, exc.wanted) from None
         except DcpCloudError:
             raise
         except OSError as exc:
             if "range" in str(exc).lower():  # HTTP 416: the range starts past the object's end
-                raise self._truncated(where, fetch, 0) from exc
+                raise self._truncated(where, fetch, 0, fetch.size) from exc
             raise
 
     @staticmethod
-    def _truncated(where: str, fetch: FetchRange, got: int) -> CorruptCheckpointError:
+    def _truncated(where: str, fetch: FetchRange, got: int, wanted: int) -> CorruptCheckpointError:
         return CorruptCheckpointError(
-            f"{where} is truncated: read {got} of {fetch.size} bytes for tensors {_names(fetch.items)}. "
+            f"{where} is truncated: read {got} of {wanted} bytes for tensors {_names(fetch.items)}. "
             "The checkpoint is damaged; load an earlier one."
         )
 
     # -- decoding ------------------------------------------------------------------------------
+
+    def _commit_direct(self, pending: _InFlight, planner: LoadPlanner) -> None:
+        """A payload landed in its destination: check it, and hand the tensor to the planner."""
+        fetch, payload, target = pending.fetch, pending.payload, pending.target
+        assert payload is not None and target is not None
+        if self.verify_checksums and crc32c.crc32c(tensor_memory(target)) != payload.crc32c:
+            start = fetch.start + payload.offset
+            raise CorruptCheckpointError(
+                f"{self.store.url}/{fetch.key}: checksum mismatch in bytes [{start}, "
+                f"{start + payload.length}) holding {_names(fetch.items)}. The object is corrupt; "
+                "load an earlier checkpoint (verify_checksums=False skips this check)."
+            )
+        planner.commit_tensor(fetch.items[0].requests[0], target)
 
     def _decode(
         self,
@@ -298,6 +351,19 @@ class CloudStorageReader(StoreConnection, StorageReader):
         return CheckpointNotFoundError(
             f"{store.url}: no checkpoint here (no .metadata). Check the URL, or save first."
         )
+
+
+@dataclass
+class _InFlight:
+    """A submitted range: into a fetch buffer, or (``target`` set) a payload into its tensor."""
+
+    future: concurrent.futures.Future[memoryview]
+    fetch: FetchRange
+    #: bytes requested
+    size: int
+    buffer: Any = None
+    target: torch.Tensor | None = None
+    payload: PayloadRecord | None = None
 
 
 class _ShortRead(Exception):

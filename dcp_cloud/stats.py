@@ -39,6 +39,8 @@ class TransferStats:
         bytes: payload bytes written or read (data objects, not metadata).
         objects: data objects written, or distinct data objects read.
         items: DCP items written or read.
+        direct_items: items of a load read straight into their destination tensors (no
+            fetch buffer, no copy).
         requests: store requests by kind, e.g. {"put": 1, "upload_part": 64}.
         retries: requests retried by the transport.
         seconds: wall time from the first to the last request of the operation.
@@ -49,6 +51,7 @@ class TransferStats:
     bytes: int = 0
     objects: int = 0
     items: int = 0
+    direct_items: int = 0
     requests: dict[str, int] = field(default_factory=dict)
     retries: int = 0
     seconds: float = 0.0
@@ -66,7 +69,9 @@ class TransferStats:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.requests.items()))
         return (
             f"dcp_cloud {self.operation} {self.url}: {self.bytes / 1e6:.1f} MB, "
-            f"{self.objects} objects, {self.items} items, {self.total_requests} requests "
+            f"{self.objects} objects, {self.items} items"
+            + (f" ({self.direct_items} direct)" if self.direct_items else "")
+            + f", {self.total_requests} requests "
             f"({kinds}), {self.retries} retries, {self.seconds:.2f} s, {self.gb_per_s:.3f} GB/s"
         )
 

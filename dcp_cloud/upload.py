@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import warnings
 from typing import Any
 
 import crc32c
+import torch
 
 from .buffers import BufferPool
 from .errors import DcpCloudError, UploadError
+from .manifest import PayloadRecord
 from .store import MultipartUpload, ObjectStore
 from .store.base import WritesInPlace
 
@@ -38,6 +41,10 @@ class ObjectUpload:
         self._upload: concurrent.futures.Future[MultipartUpload] | None = None
         self._pending: list[concurrent.futures.Future[None]] = []
         self._item_crc = 0
+        self._item_start = 0
+        self._payload_size: int | None = None
+        self._payload_address = 0
+        self._payload: PayloadRecord | None = None
         self._closed = False
         self.failure: Exception | None = None
         # local files: bytes go from torch.save's memory to the file, without part buffers
@@ -49,6 +56,8 @@ class ObjectUpload:
         view = memoryview(data).cast("B")
         size = len(view)
         self._item_crc = crc32c.crc32c(view, self._item_crc)
+        if size == self._payload_size:
+            self._note_payload(view)
         if self._in_place is not None:
             self._write_in_place(self._in_place, view)
             return size
@@ -89,14 +98,33 @@ class ObjectUpload:
 
     # -- items ---------------------------------------------------------------------------------
 
-    def begin_item(self) -> int:
-        """Start checksumming a new item; returns its offset in the object."""
+    def begin_item(self, tensor: torch.Tensor | None = None) -> int:
+        """Start checksumming a new item; returns its offset in the object.
+
+        ``tensor``: the contiguous CPU tensor this item is the torch.save of. torch.save hands
+        its memory to ``write`` in one call, without a copy; ``end_item`` then says where in
+        the item those bytes went.
+        """
         self._item_crc = 0
+        self._item_start = self._position
+        self._payload_size = tensor.nbytes if tensor is not None else None
+        self._payload_address = tensor.data_ptr() if tensor is not None else 0
+        self._payload = None
         return self._position
 
-    def end_item(self) -> int:
-        """The CRC32C of the bytes written since ``begin_item``."""
-        return self._item_crc
+    def end_item(self) -> tuple[int, PayloadRecord | None]:
+        """The CRC32C of the bytes written since ``begin_item``, and where the tensor's own
+        bytes lie in the item (None if they never came in one write)."""
+        self._payload_size = None
+        return self._item_crc, self._payload
+
+    def _note_payload(self, view: memoryview) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only buffers
+            address = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
+        if address == self._payload_address and self._payload is None:
+            offset = self._position - self._item_start
+            self._payload = PayloadRecord(offset, len(view), crc32c.crc32c(view))
 
     # -- parts ---------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from ._version import __version__
 from .buffers import BufferPool
 from .connection import StoreConnection
 from .errors import CheckpointExistsError, DcpCloudError
-from .manifest import ItemRecord, Manifest
+from .manifest import ItemRecord, Manifest, PayloadRecord
 from .options import WRITER_MEMORY_BUDGET, TransferOptions
 from .safe_pickle import load_metadata
 from .stats import StatsRecorder, TransferStats
@@ -41,6 +41,9 @@ DCP_METADATA_VERSION = "1.0.0"  # what torch's FileSystemWriter writes; FileSyst
 # records torch.save aligns within an item stay aligned in our read buffers: decoding can alias
 # the fetched bytes instead of copying them.
 ITEM_ALIGNMENT = 64
+# Tensors at least this large get their payload's place recorded in the manifest (smaller ones
+# are always fetched together with their neighbours).
+PAYLOAD_MIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class _WrittenItem:
 
     info: _StorageInfo
     crc32c: int
+    payload: PayloadRecord | None = None
 
 
 def _keys_of(metadata: Metadata) -> set[str]:
@@ -127,6 +131,17 @@ def _cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.untyped_storage().size() != tensor.nbytes:
         tensor = tensor.clone()
     return tensor
+
+
+def _has_plain_payload(tensor: torch.Tensor) -> bool:
+    """Whether torch.save of ``tensor`` stores exactly its row-major contents as one record, and
+    that record is large enough to be worth reading straight into a destination tensor."""
+    return (
+        tensor.nbytes >= PAYLOAD_MIN_BYTES
+        and tensor.is_contiguous()
+        and tensor.storage_offset() == 0
+        and tensor.untyped_storage().nbytes() == tensor.nbytes
+    )
 
 
 class CloudStorageWriter(StoreConnection, StorageWriter):
@@ -279,7 +294,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
                 storage_data[result.index] = info
                 if isinstance(located, _WrittenItem):
                     manifest.objects.setdefault(info.relative_path, []).append(
-                        ItemRecord(info.offset, info.length, located.crc32c)
+                        ItemRecord(info.offset, info.length, located.crc32c, located.payload)
                     )
         metadata.version = DCP_METADATA_VERSION
         metadata.storage_data = storage_data
@@ -385,20 +400,23 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
     def _write_item(self, upload: ObjectUpload, item: WriteItem, planner: SavePlanner) -> WriteResult:
         data = planner.resolve_data(item)
         upload.write(bytes(-upload.tell() % ITEM_ALIGNMENT))
-        offset = upload.begin_item()
         if item.type == WriteItemType.BYTE_IO:
+            offset = upload.begin_item()
             upload.write(cast(io.BytesIO, data).getbuffer())
         else:
+            tensor = _cpu_tensor(cast(torch.Tensor, data))
+            offset = upload.begin_item(tensor if _has_plain_payload(tensor) else None)
             try:
-                torch.save(_cpu_tensor(cast(torch.Tensor, data)), cast(IO[bytes], upload))
+                torch.save(tensor, cast(IO[bytes], upload))
             except Exception as exc:
                 if upload.failure is not None:  # the real cause, which torch.save reworded
                     raise upload.failure from exc
                 raise
         length = upload.tell() - offset
         info = _StorageInfo(relative_path=upload.key, offset=offset, length=length)
+        crc, payload = upload.end_item()
         return WriteResult(
-            index=item.index, size_in_bytes=length, storage_data=_WrittenItem(info, upload.end_item())
+            index=item.index, size_in_bytes=length, storage_data=_WrittenItem(info, crc, payload)
         )
 
     def _wait_for_objects(

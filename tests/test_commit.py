@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
-from dcp_cloud import CheckpointExistsError, UploadError
+from dcp_cloud import CheckpointExistsError, CloudStorageWriter, UploadError
 from dcp_cloud.store import open_store
 from dcp_cloud.store.s3 import S3Store
 
@@ -191,6 +191,20 @@ def test_uploads_carry_checksums_the_server_can_check(s3_target: Target) -> None
     dcp.save(_state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
     uploads = [r for r in _ckpt_requests(s3_target) if r.kind in ("upload_part", "put_object")]
     assert uploads and all(r.checksums for r in uploads), [(r.kind, r.checksums) for r in uploads]
+    assert all(r.body_signed for r in uploads), "botocore signs bodies over plain HTTP by default"
+
+
+def test_plain_http_bodies_can_go_unsigned_with_their_checksum(s3_target: Target) -> None:
+    """The documented knob for trusted plain-HTTP endpoints: no SHA-256 pass over every body,
+    the CRC32 checksum stays."""
+    options = {**s3_target.storage_options, "config_kwargs": {"s3": {"payload_signing_enabled": False}}}
+    s3_target.server.clear_requests()
+    writer = CloudStorageWriter(s3_target.url, storage_options=options, part_size=5 * 1024 * 1024)
+    dcp.save(_state(2.0), storage_writer=writer)
+    uploads = [r for r in _ckpt_requests(s3_target) if r.kind in ("upload_part", "put_object")]
+    assert uploads and not any(r.body_signed for r in uploads)
+    assert all(r.checksums for r in uploads)
+    assert _load(s3_target)["tag"] == 2.0
 
 
 def test_a_failing_serializer_thread_fails_a_local_save_and_leaves_no_debris(tmp_path: Any) -> None:

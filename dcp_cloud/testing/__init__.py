@@ -50,6 +50,8 @@ class ServerRequest:
     query: str
     status: int
     checksums: tuple[str, ...] = ()
+    #: whether the client signed the body's SHA-256 (botocore does over plain HTTP by default)
+    body_signed: bool = False
 
     @property
     def kind(self) -> str:

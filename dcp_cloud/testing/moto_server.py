@@ -2,8 +2,10 @@
 and fault injection.
 
 Run as ``python -m dcp_cloud.testing.moto_server --port P [--log FILE]``. Every request is
-appended to FILE as one JSON line ``{"method", "path", "query", "status", "checksums"}``
-(``checksums``: the integrity headers the client sent), written when the
+appended to FILE as one JSON line ``{"method", "path", "query", "status", "checksums",
+"body_signed"}`` (``checksums``: the integrity headers the client sent; ``body_signed``: whether
+``x-amz-content-sha256`` carried the body's SHA-256 rather than ``UNSIGNED-PAYLOAD`` or a
+streaming marker), written when the
 response starts, so tests can prove from the server's side what a client sent, and in what order.
 
 Faults are switched on at run time with ``GET /__faults?rate=0.1&kinds=503,500,reset&seed=1``
@@ -53,6 +55,8 @@ class RequestLog:
             for name in environ
             if name.startswith("HTTP_X_AMZ_CHECKSUM_") or name == "HTTP_CONTENT_MD5"
         )
+        content_sha256 = environ.get("HTTP_X_AMZ_CONTENT_SHA256", "")
+        body_signed = len(content_sha256) == 64 and all(c in "0123456789abcdef" for c in content_sha256)
 
         def logged_start(status: str, headers: list[Any], *args: Any) -> Any:
             record = {
@@ -61,6 +65,7 @@ class RequestLog:
                 "query": query,
                 "status": int(status[:3]),
                 "checksums": checksums,
+                "body_signed": body_signed,
             }
             with self._lock, open(self.path, "a") as log:
                 log.write(json.dumps(record) + "\n")

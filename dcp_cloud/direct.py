@@ -1,0 +1,87 @@
+"""Reading a large tensor's bytes straight into its destination tensor.
+
+A stored tensor item is torch.save's zip archive; its raw bytes (the payload) lie in one piece
+inside it, and dcp_cloud's manifest records where. When the load plan wants the whole stored
+tensor and the destination is a contiguous CPU tensor of the same dtype and size, the payload is
+fetched straight into the destination's memory: no fetch buffer, no decode, no copy. The rest of
+the archive is not fetched at all, and the payload's own CRC32C stands in for the item's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
+
+from .fetch import StoredItem
+from .manifest import ItemRecord, Manifest, PayloadRecord
+
+
+class DirectReads:
+    """Decides which stored items of one load are read straight into their destination.
+
+    Args:
+        manifest: the checkpoint's manifest (None: a checkpoint not written by dcp_cloud, whose
+            payloads are unknown, so nothing is read directly).
+        metadata: the checkpoint's ``.metadata``, for stored dtypes.
+        min_bytes: smaller payloads are fetched with their neighbours and copied instead: one
+            request for many small items beats one each.
+    """
+
+    def __init__(self, manifest: Manifest | None, metadata: Metadata | None, min_bytes: int) -> None:
+        self._records: dict[tuple[str, int], ItemRecord] = {}
+        # payloads are in the writer's byte order: only usable as they are on a machine like it
+        if manifest is not None and metadata is not None and manifest.byteorder == sys.byteorder:
+            self._records = manifest.item_index()
+        self._metadata = metadata
+        self.min_bytes = min_bytes
+
+    def payload(self, key: str, item: StoredItem) -> PayloadRecord | None:
+        """The payload to read into the destination, if the plan wants all of the stored tensor."""
+        record = self._records.get((key, item.offset))
+        if record is None or record.payload is None or record.length != item.length:
+            return None
+        payload = record.payload
+        if payload.length < self.min_bytes or len(item.requests) != 1:
+            return None
+        request = item.requests[0]
+        dtype = self._stored_dtype(request)
+        if request.type != LoadItemType.TENSOR or dtype is None or any(request.storage_offsets):
+            return None
+        # A box of the stored chunk starting at its origin, with as many bytes as the chunk
+        # holds, is the whole chunk.
+        if math.prod(request.lengths) * _element_size(dtype) != payload.length:
+            return None
+        return payload
+
+    def destination(self, request: ReadItem, planner: LoadPlanner) -> torch.Tensor | None:
+        """The planner's destination for ``request``, if the payload can land in it as is."""
+        dtype = self._stored_dtype(request)
+        target = planner.resolve_tensor(request).detach()
+        if (
+            target.device.type != "cpu"
+            or target.dtype != dtype
+            or tuple(target.size()) != tuple(request.lengths)
+            or not target.is_contiguous()
+        ):
+            return None
+        return target
+
+    def _stored_dtype(self, request: ReadItem) -> torch.dtype | None:
+        if self._metadata is None:
+            return None
+        entry = self._metadata.state_dict_metadata.get(request.storage_index.fqn)
+        return entry.properties.dtype if isinstance(entry, TensorStorageMetadata) else None
+
+
+def tensor_memory(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable memoryview (valid while it lives)."""
+    array = (ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

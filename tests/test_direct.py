@@ -1,0 +1,176 @@
+"""Large tensors are read straight into their destination tensors, and only when that is right."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dcp_cloud import CloudStorageReader, CloudStorageWriter, layout
+from dcp_cloud.buffers import BufferPool
+from dcp_cloud.manifest import Manifest
+from dcp_cloud.store import open_store
+from dcp_cloud.upload import ObjectUpload
+
+from .conftest import Target
+from .helpers import assert_same, failure_text
+
+MiB = 1024 * 1024
+# readers read payloads of at least half a part directly: 3 MiB here, and the 8 MiB tensor
+# arrives in two ranged reads
+PART = 6 * MiB
+
+
+def _state() -> dict[str, Any]:
+    g = torch.Generator().manual_seed(5)
+    return {
+        "big": torch.randn(MiB, generator=g),  # 4 MiB fp32
+        "bf": torch.randn(1024, 4096, generator=g).to(torch.bfloat16),  # 8 MiB bf16
+        "transposed": torch.randn(1024, 1024, generator=g).t(),  # 4 MiB, not contiguous
+        "small": torch.randn(1000, generator=g),
+        "step": 9,
+    }
+
+
+def _manifest(target: Target) -> tuple[Any, Manifest]:
+    store = open_store(target.url, target.storage_options)
+    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith("manifest.json"))
+    return store, Manifest.from_json(store.run(store.get(key)))
+
+
+def _records_by_size(manifest: Manifest) -> dict[int, Any]:
+    return {r.payload.length: (key, r) for key, rs in manifest.objects.items() for r in rs if r.payload}
+
+
+def test_payloads_recorded_are_the_tensors_bytes(target: Target) -> None:
+    state = _state()
+    dcp.save(state, storage_writer=target.writer())
+    store, manifest = _manifest(target)
+    recorded = _records_by_size(manifest)
+    # the two contiguous tensors have payloads; the transposed one and the small one have none
+    assert sorted(recorded) == sorted([state["big"].nbytes, state["bf"].nbytes])
+    for name in ("big", "bf"):
+        key, record = recorded[state[name].nbytes]
+        start = record.offset + record.payload.offset
+        stored = store.run(store.get_range(key, start, start + record.payload.length))
+        assert stored == state[name].view(torch.uint8).numpy().tobytes(), name
+
+
+def test_large_tensors_land_directly_and_the_rest_is_copied(target: Target) -> None:
+    state = _state()
+    dcp.save(state, storage_writer=target.writer())
+    out = {k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    where = out["big"].data_ptr()
+    reader = target.reader(part_size=PART)
+    dcp.load(out, storage_reader=reader)
+    assert_same(state, out)
+    assert out["big"].data_ptr() == where
+    assert reader.last_stats is not None and reader.last_stats.direct_items == 2
+
+
+def test_destinations_that_do_not_fit_are_filled_by_copy(target: Target) -> None:
+    state = _state()
+    dcp.save(state, storage_writer=target.writer())
+    out = {
+        "big": torch.zeros(MiB, dtype=torch.float64),  # another dtype: converted on copy
+        "bf": torch.zeros(4096, 1024, dtype=torch.bfloat16).t(),  # right shape, not contiguous
+    }
+    reader = target.reader(part_size=PART)
+    dcp.load(out, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    assert torch.equal(out["big"], state["big"].double())
+    assert torch.equal(out["bf"], state["bf"])
+    assert reader.last_stats is not None and reader.last_stats.direct_items == 0
+
+
+def test_small_part_size_keeps_medium_tensors_coalesced(target: Target) -> None:
+    state = _state()
+    dcp.save(state, storage_writer=target.writer())
+    reader = target.reader(part_size=20 * MiB)  # direct from 10 MiB up: none here
+    out = {k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    dcp.load(out, storage_reader=reader)
+    assert_same(state, out)
+    assert reader.last_stats is not None and reader.last_stats.direct_items == 0
+
+
+def test_corrupt_payload_names_object_and_tensor(target: Target) -> None:
+    state = _state()
+    dcp.save(state, storage_writer=target.writer())
+    store, manifest = _manifest(target)
+    key, record = _records_by_size(manifest)[state["bf"].nbytes]
+    data = bytearray(store.run(store.get(key)))
+    data[record.offset + record.payload.offset + PART + 12345] ^= 0x10  # in the second piece
+    store.run(store.put(key, bytes(data)))
+    out = {"bf": torch.zeros_like(state["bf"])}
+    planner = dcp.DefaultLoadPlanner(allow_partial_load=True)
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(out, storage_reader=target.reader(part_size=PART), planner=planner)
+    text = failure_text(info.value)
+    assert "checksum mismatch" in text and key in text and "bf" in text
+    reader = target.reader(part_size=PART, verify_checksums=False)
+    dcp.load(out, storage_reader=reader, planner=planner)
+    assert reader.last_stats is not None and reader.last_stats.direct_items == 1
+    assert not torch.equal(out["bf"], state["bf"])
+
+
+def test_version_1_manifests_still_load_and_verify(target: Target) -> None:
+    """Checkpoints written before payloads were recorded load by copy, checksums still checked."""
+    state = _state()
+    dcp.save(state, storage_writer=target.writer())
+    store, manifest = _manifest(target)
+    doc = json.loads(manifest.to_json())
+    doc["version"] = 1
+    del doc["byteorder"]
+    for entry in doc["objects"].values():
+        entry["items"] = [fields[:3] for fields in entry["items"]]
+    store.run(store.put(layout.manifest_key(manifest.save_id), json.dumps(doc).encode()))
+    out = {k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    reader = target.reader(part_size=PART)
+    dcp.load(out, storage_reader=reader)
+    assert_same(state, out)
+    assert reader.last_stats is not None and reader.last_stats.direct_items == 0
+
+    key, offset = next((k, rs[-1].offset) for k, rs in manifest.objects.items())
+    data = bytearray(store.run(store.get(key)))
+    data[offset + 1000] ^= 0x01
+    store.run(store.put(key, bytes(data)))
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(out, storage_reader=target.reader(part_size=PART))
+    assert "checksum mismatch" in failure_text(info.value)
+
+
+def test_a_foreign_byte_order_is_never_read_directly(tmp_path: Any) -> None:
+    url = str(tmp_path / "ckpt")
+    state = {"big": torch.arange(MiB, dtype=torch.float32)}
+    dcp.save(state, storage_writer=CloudStorageWriter(url))
+    store = open_store(url)
+    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith("manifest.json"))
+    doc = json.loads(store.run(store.get(key)))
+    doc["byteorder"] = "big"
+    store.run(store.put(key, json.dumps(doc).encode()))
+    reader = CloudStorageReader(url, part_size=PART)
+    out = {"big": torch.zeros(MiB)}
+    dcp.load(out, storage_reader=reader)
+    assert torch.equal(out["big"], state["big"])  # torch.save's own byte-order record decides
+    assert reader.last_stats is not None and reader.last_stats.direct_items == 0
+
+
+def test_only_the_tensors_own_memory_counts_as_its_payload() -> None:
+    """Bytes of the right size from elsewhere (a copy) are not taken for the tensor's payload."""
+    store = open_store("memory://dcp-cloud-direct-test")
+    upload = ObjectUpload(store, "x.distcp", BufferPool(MiB, 2))
+    tensor = torch.ones(100_000, dtype=torch.uint8)
+    upload.begin_item(tensor)
+    upload.write(bytes(10))
+    upload.write(tensor.clone().numpy())  # same size, same bytes, other memory
+    assert upload.end_item()[1] is None
+    upload.begin_item(tensor)
+    upload.write(bytes(10))
+    upload.write(tensor.numpy())
+    crc, payload = upload.end_item()
+    assert payload is not None and (payload.offset, payload.length) == (10, 100_000)
+    assert crc != payload.crc32c
+    upload.close_async().result()
