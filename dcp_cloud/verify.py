@@ -80,6 +80,8 @@ class _Item:
     fqns: set[str]
     record: ItemRecord | None = None
     crc: int = 0
+    #: CRC32C of the tensor's raw bytes (the manifest's payload record), checked as loads do
+    payload_crc: int = 0
 
     @property
     def end(self) -> int:
@@ -293,6 +295,12 @@ def _check_crcs(
             a = max(item.offset, window.start)
             b = min(item.end, window.end)
             item.crc = crc32c.crc32c(view[a - window.start : b - window.start], item.crc)
+            payload = item.record.payload if item.record is not None else None
+            if payload is not None:
+                p_start = item.offset + payload.offset
+                pa, pb = max(p_start, window.start), min(p_start + payload.length, window.end)
+                if pa < pb:
+                    item.payload_crc = crc32c.crc32c(view[pa - window.start : pb - window.start], item.payload_crc)
             if b == item.end:
                 _finish(store, item, report)
 
@@ -300,7 +308,8 @@ def _check_crcs(
 def _finish(store: ObjectStore, item: _Item, report: VerifyReport) -> None:
     assert item.record is not None
     report.items_checksummed += 1
-    if item.crc != item.record.crc32c:
+    payload = item.record.payload
+    if item.crc != item.record.crc32c or (payload is not None and item.payload_crc != payload.crc32c):
         names = _names([item])
         report.problems.append(
             Problem(

@@ -22,7 +22,6 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3fs.errors import translate_boto_error
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from ..buffers import ViewReader
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
 from .bucket import BucketStore
@@ -233,7 +232,7 @@ class S3Store(BucketStore):
             "upload_part",
             **self._upload_args(upload),
             PartNumber=part_number,
-            Body=ViewReader(data),
+            Body=_request_body(data),
         )
         upload.parts[part_number] = response["ETag"]
 
@@ -289,3 +288,20 @@ class S3Store(BucketStore):
             )
         except Exception:  # already gone, or the store is unreachable: gc cleans up later
             pass
+
+
+def _request_body(data: bytes | bytearray | memoryview) -> bytes | bytearray:
+    """A part's bytes as a body botocore and aiohttp take whole.
+
+    A bytes-like body is hashed and checksummed in one call each and written to the socket as
+    it is. A file-like one (botocore refuses a memoryview) is read in small chunks, each copied
+    twice, for the SHA-256, for the checksum and again for sending through aiohttp's thread
+    pool: all on the event loop that every transfer shares. A full part is its whole pooled
+    buffer; a shorter one (an object's last part) is copied once.
+    """
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    whole = data.obj
+    if isinstance(whole, (bytes, bytearray)) and data.contiguous and data.nbytes == len(whole):
+        return whole
+    return data.tobytes()
