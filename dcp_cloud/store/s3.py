@@ -13,7 +13,7 @@ ranged reads retry that case themselves with tenacity.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -232,7 +232,7 @@ class S3Store(BucketStore):
             "upload_part",
             **self._upload_args(upload),
             PartNumber=part_number,
-            Body=_request_body(data),
+            Body=_PartBody(data),
         )
         upload.parts[part_number] = response["ETag"]
 
@@ -290,18 +290,41 @@ class S3Store(BucketStore):
             pass
 
 
-def _request_body(data: bytes | bytearray | memoryview) -> bytes | bytearray:
-    """A part's bytes as a body botocore and aiohttp take whole.
+class _PartBody:
+    """A part's bytes as botocore and aiohttp take them without copying.
 
-    A bytes-like body is hashed and checksummed in one call each and written to the socket as
-    it is. A file-like one (botocore refuses a memoryview) is read in small chunks, each copied
-    twice, for the SHA-256, for the checksum and again for sending through aiohttp's thread
-    pool: all on the event loop that every transfer shares. A full part is its whole pooled
-    buffer; a shorter one (an object's last part) is copied once.
+    botocore hashes and checksums it through ``read``, which hands out slices of the part
+    buffer; aiohttp sends it as an async iterable of 1 MiB slices, waiting for the socket between
+    them. (A bytes body would be copied whole into the transport's write buffer, doubling the
+    memory in flight; a file object would be read 64 KiB at a time through a thread pool and
+    copied twice per read, on the event loop that every transfer shares.) Deliberately not an
+    ``io.IOBase``: aiobotocore would hand that to aiohttp as a file.
     """
-    if isinstance(data, (bytes, bytearray)):
-        return data
-    whole = data.obj
-    if isinstance(whole, (bytes, bytearray)) and data.contiguous and data.nbytes == len(whole):
-        return whole
-    return data.tobytes()
+
+    _SEND_CHUNK = 1024 * 1024
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._position = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, size: int | None = -1) -> memoryview:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._position + size)
+        chunk = self._view[self._position : end]
+        self._position = max(self._position, end)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._position, 2: len(self._view)}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    async def __aiter__(self) -> AsyncIterator[memoryview]:
+        # each send is of the whole part (retries included), whatever was read before
+        for start in range(0, len(self._view), self._SEND_CHUNK):
+            yield self._view[start : start + self._SEND_CHUNK]
