@@ -78,8 +78,14 @@ class DirectReads:
 
 
 def tensor_memory(tensor: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor as a writable memoryview (valid while it lives)."""
+    """The bytes of a contiguous CPU tensor as a writable memoryview.
+
+    The view (and every slice of it) keeps the tensor alive: a read that outlives a failed load
+    (a cancelled request whose file read still runs in a thread) writes into memory that is
+    still the tensor's, never into freed memory.
+    """
     array = (ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr())
+    array.tensor = tensor  # type: ignore[attr-defined]
     return memoryview(array).cast("B")
 
 

@@ -195,3 +195,24 @@ def test_verify_checks_payload_checksums_across_windows(tmp_path: Any) -> None:
     store.run(store.put(key, json.dumps(doc).encode()))
     bad = verify_checkpoint(url, part_size=30_000)
     assert [(p.kind, p.tensors) for p in bad.problems] == [("checksum", ["w"])]
+
+
+def test_a_destination_view_keeps_its_tensor_alive() -> None:
+    """A read still running after a failed load writes into the tensor, never into freed memory."""
+    import gc
+    import struct
+    import weakref
+
+    from dcp_cloud.direct import tensor_memory
+
+    tensor = torch.zeros(1000)
+    alive = weakref.ref(tensor)
+    piece = tensor_memory(tensor)[40:80]
+    del tensor
+    gc.collect()
+    assert alive() is not None
+    piece[:4] = struct.pack("=f", 1.0)  # element 10
+    assert alive()[10].item() == 1.0  # type: ignore[index]
+    del piece
+    gc.collect()
+    assert alive() is None
