@@ -53,7 +53,7 @@ class DirectReads:
             return None
         # A box of the stored chunk starting at its origin, with as many bytes as the chunk
         # holds, is the whole chunk.
-        if math.prod(request.lengths) * _element_size(dtype) != payload.length:
+        if math.prod(request.lengths) * dtype.itemsize != payload.length:
             return None
         return payload
 
@@ -87,7 +87,3 @@ def tensor_memory(tensor: torch.Tensor) -> memoryview:
     array = (ctypes.c_ubyte * tensor.nbytes).from_address(tensor.data_ptr())
     array.tensor = tensor  # type: ignore[attr-defined]
     return memoryview(array).cast("B")
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

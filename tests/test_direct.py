@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dcp_cloud import CloudStorageReader, CloudStorageWriter, layout
+from dcp_cloud import CloudStorageReader, CloudStorageWriter
 from dcp_cloud.buffers import BufferPool
 from dcp_cloud.manifest import Manifest
 from dcp_cloud.store import open_store
@@ -36,10 +37,22 @@ def _state() -> dict[str, Any]:
     }
 
 
+def _manifest_key(store: Any) -> str:
+    return next(o.key for o in store.run(store.list_objects("")) if o.key.endswith("manifest.json"))
+
+
 def _manifest(target: Target) -> tuple[Any, Manifest]:
     store = open_store(target.url, target.storage_options)
-    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith("manifest.json"))
-    return store, Manifest.from_json(store.run(store.get(key)))
+    return store, Manifest.from_json(store.run(store.get(_manifest_key(store))))
+
+
+def _edit_manifest(url: str, edit: Callable[[dict[str, Any]], None], **storage_options: Any) -> None:
+    """Rewrite the checkpoint's manifest JSON with ``edit`` applied."""
+    store = open_store(url, storage_options)
+    key = _manifest_key(store)
+    doc = json.loads(store.run(store.get(key)))
+    edit(doc)
+    store.run(store.put(key, json.dumps(doc).encode()))
 
 
 def _records_by_size(manifest: Manifest) -> dict[int, Any]:
@@ -121,12 +134,14 @@ def test_version_1_manifests_still_load_and_verify(target: Target) -> None:
     state = _state()
     dcp.save(state, storage_writer=target.writer())
     store, manifest = _manifest(target)
-    doc = json.loads(manifest.to_json())
-    doc["version"] = 1
-    del doc["byteorder"]
-    for entry in doc["objects"].values():
-        entry["items"] = [fields[:3] for fields in entry["items"]]
-    store.run(store.put(layout.manifest_key(manifest.save_id), json.dumps(doc).encode()))
+
+    def as_version_1(doc: dict[str, Any]) -> None:
+        doc["version"] = 1
+        del doc["byteorder"]
+        for entry in doc["objects"].values():
+            entry["items"] = [fields[:3] for fields in entry["items"]]
+
+    _edit_manifest(target.url, as_version_1, **target.storage_options)
     out = {k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
     reader = target.reader(part_size=PART)
     dcp.load(out, storage_reader=reader)
@@ -146,11 +161,7 @@ def test_a_foreign_byte_order_is_never_read_directly(tmp_path: Any) -> None:
     url = str(tmp_path / "ckpt")
     state = {"big": torch.arange(MiB, dtype=torch.float32)}
     dcp.save(state, storage_writer=CloudStorageWriter(url))
-    store = open_store(url)
-    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith("manifest.json"))
-    doc = json.loads(store.run(store.get(key)))
-    doc["byteorder"] = "big"
-    store.run(store.put(key, json.dumps(doc).encode()))
+    _edit_manifest(url, lambda doc: doc.update(byteorder="big"))
     reader = CloudStorageReader(url, part_size=PART)
     out = {"big": torch.zeros(MiB)}
     dcp.load(out, storage_reader=reader)
@@ -185,14 +196,14 @@ def test_verify_checks_payload_checksums_across_windows(tmp_path: Any) -> None:
     dcp.save({"w": torch.randn(100_000), "b": torch.randn(10)}, storage_writer=CloudStorageWriter(url))
     good = verify_checkpoint(url, part_size=30_000)  # the payload spans 14 windows
     assert good.ok and good.items_checksummed == 2
-    store = open_store(url)
-    key = next(o.key for o in store.run(store.list_objects("")) if o.key.endswith("manifest.json"))
-    doc = json.loads(store.run(store.get(key)))
-    for entry in doc["objects"].values():
-        for fields in entry["items"]:
-            if len(fields) == 6:
-                fields[5] ^= 1
-    store.run(store.put(key, json.dumps(doc).encode()))
+
+    def spoil_payload_crcs(doc: dict[str, Any]) -> None:
+        for entry in doc["objects"].values():
+            for fields in entry["items"]:
+                if len(fields) == 6:
+                    fields[5] ^= 1
+
+    _edit_manifest(url, spoil_payload_crcs)
     bad = verify_checkpoint(url, part_size=30_000)
     assert [(p.kind, p.tensors) for p in bad.problems] == [("checksum", ["w"])]
 
