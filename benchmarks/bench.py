@@ -45,6 +45,7 @@ size instead: peak RSS against checkpoint size.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -53,6 +54,7 @@ import functools
 import gc
 import importlib
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -94,6 +96,12 @@ CONTENDERS = {
     "file": FILE_CONTENDERS,
 }
 STORES = tuple(CONTENDERS)
+# Contenders run only when named in --contenders. "transport": the raw ceiling's objects moved
+# by dcp_cloud's own store layer (its client, one event loop) without DCP, which splits a gap
+# to the raw ceiling into the transport's share and the checkpoint logic's share.
+OPT_IN_CONTENDERS = {"s3": ("transport",), "gcs": ("transport",), "azure": ("transport",), "file": ()}
+# Contenders that move the raw ceiling's bytes (no state dict, no DCP)
+BYTE_CONTENDERS = ("raw", "transport")
 # URL scheme and fsspec client module of each object store
 SCHEMES = {"s3": "s3", "gcs": "gs", "azure": "az"}
 CLIENT_MODULES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
@@ -577,6 +585,62 @@ RAW_LOADERS: dict[str, Callable[[memoryview, list[int], WorkerSpec], None]] = {
 }
 
 
+def _transport_store(spec: WorkerSpec) -> Any:
+    """dcp_cloud's store at ``spec.url``, configured as CloudStorageWriter/Reader configure it."""
+    from dcp_cloud.options import TransferOptions
+    from dcp_cloud.store import open_store
+
+    defaults = TransferOptions()
+    return open_store(
+        spec.url,
+        spec.storage_options,
+        max_concurrency=spec.max_concurrency or defaults.max_concurrency,
+        max_attempts=defaults.max_attempts,
+    )
+
+
+def transport_save(parts: list[bytes], spec: WorkerSpec) -> None:
+    """Upload ``parts`` as the raw ceiling's objects through dcp_cloud's store: one multipart
+    upload per object (a single PUT for a one-part object), all parts in flight at once within
+    the store's concurrency bound."""
+    store = _transport_store(spec)
+
+    async def upload(index: int, numbers: range) -> None:
+        key = f"object-{index}"
+        if len(numbers) == 1:
+            await store.put(key, parts[numbers[0]])
+            return
+        upload = await store.start_upload(key)
+        offsets = itertools.accumulate((len(parts[n]) for n in numbers), initial=0)
+        await asyncio.gather(
+            *(store.upload_part(upload, i, offset, parts[n]) for i, (n, offset) in enumerate(zip(numbers, offsets), 1))
+        )
+        await store.complete_upload(upload)
+
+    async def upload_all() -> None:
+        objects = raw_objects(len(parts), spec.raw_streams)
+        await asyncio.gather(*(upload(i, numbers) for i, numbers in enumerate(objects)))
+
+    store.run(upload_all())
+
+
+def transport_load(target: memoryview, part_sizes: list[int], spec: WorkerSpec) -> None:
+    """Read the objects of ``transport_save`` into ``target`` through dcp_cloud's store: one
+    ranged read per part, straight into ``target``, all in flight at once within the store's
+    concurrency bound."""
+    store = _transport_store(spec)
+
+    async def fetch(index: int, offset: int, into: int, length: int) -> None:
+        got = await store.read_into(f"object-{index}", offset, target[into : into + length])
+        if got != length:
+            raise OSError(f"object-{index}: read {got} of {length} bytes at {offset}")
+
+    async def fetch_all() -> None:
+        await asyncio.gather(*(fetch(*r) for r in _raw_ranges(part_sizes, spec.raw_streams)))
+
+    store.run(fetch_all())
+
+
 def url_store(url: str) -> str:
     """The store of a worker's URL: s3, gcs or azure by scheme, else file (a local path)."""
     scheme, sep, _ = url.partition("://")
@@ -593,6 +657,8 @@ def _preimport(contender: str, store: str) -> None:
         modules = {"raw": ["boto3"], "s3torchconnector": ["s3torchconnector.dcp"]}.get(contender, ["s3fs"])
     else:
         modules = [CLIENT_MODULES[store]]
+    if contender == "transport":
+        modules = [*modules, "dcp_cloud"]
     for module in modules:
         importlib.import_module(module)
 
@@ -655,17 +721,19 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     _preimport(spec.contender, store)
     expected = build_state_dict(spec.size_mib, spec.seed)
     result: dict[str, Any] = {"payload_bytes": tensor_bytes(expected)}
-    if spec.contender == "raw":
+    if spec.contender in BYTE_CONTENDERS:
         parts = raw_parts(expected)
         del expected
+        save = RAW_SAVERS[store] if spec.contender == "raw" else transport_save
+        load = RAW_LOADERS[store] if spec.contender == "raw" else transport_load
         if spec.op == "save":
             with _measured(result, spec):
-                RAW_SAVERS[store](parts, spec)
+                save(parts, spec)
         else:
             flat = torch.zeros(sum(len(p) for p in parts), dtype=torch.uint8)
             view = _byte_view(flat)
             with _measured(result, spec):
-                RAW_LOADERS[store](view, [len(p) for p in parts], spec)
+                load(view, [len(p) for p in parts], spec)
             start = 0
             for part in parts:
                 if view[start : start + len(part)] != part:
@@ -1360,7 +1428,7 @@ def run_rounds(args: argparse.Namespace, endpoint: Endpoint, contenders: list[st
 
 def run_profiles(args: argparse.Namespace, endpoint: Endpoint, name: str) -> list[Measurement]:
     """One extra save and load per profiled contender under py-spy (not part of the medians)."""
-    out_dir = RESULTS_DIR / "profiles"
+    out_dir = args.results_dir / "profiles"
     out_dir.mkdir(parents=True, exist_ok=True)
     ext = {"raw": "txt", "flamegraph": "svg", "speedscope": "json"}[args.profile_format]
     profiled = []
@@ -1500,8 +1568,9 @@ def write_results(
     targets: list[Target],
     elapsed_s: float,
 ) -> None:
-    """Write results/<name>.json, .md and .png."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    """Write <results dir>/<name>.json, .md and .png."""
+    results_dir: Path = args.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     mode = "scaling" if args.scaling else "compare"
@@ -1510,7 +1579,7 @@ def write_results(
         "mode": mode,
         "when": when,
         "command": command,
-        "args": {k: v for k, v in vars(args).items() if k != "worker"},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"},
         "setting": setting,
         "request_counts_from": request_source,
         "machine": machine,
@@ -1523,9 +1592,9 @@ def write_results(
         "measurements": [{**asdict(m), "gb_per_s": m.gb_per_s} for m in measurements],
         "profiles": [{**asdict(m), "gb_per_s": m.gb_per_s} for m in profiled],
     }
-    json_path = RESULTS_DIR / f"{name}.json"
+    json_path = results_dir / f"{name}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    png_path = RESULTS_DIR / f"{name}.png"
+    png_path = results_dir / f"{name}.png"
     png: Path | None = None
     if not args.no_plot:
         from benchmarks import plots
@@ -1578,10 +1647,10 @@ def write_results(
         lines += ["## Profiles (py-spy, one extra measurement each, not in the medians)", ""]
         for m in profiled:
             lines.append(
-                f"- {m.contender} {m.op}: {_show(m)}: `{Path(m.profile or '').relative_to(RESULTS_DIR)}`"
+                f"- {m.contender} {m.op}: {_show(m)}: `{Path(m.profile or '').relative_to(results_dir)}`"
             )
         lines.append("")
-    md_path = RESULTS_DIR / f"{name}.md"
+    md_path = results_dir / f"{name}.md"
     md_path.write_text("\n".join(lines))
     print(f"\nwrote {json_path}, {md_path}" + (f" and {png}" if png else ""))
 
@@ -1608,7 +1677,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_csv,
         default=None,
         help=f"comma-separated subset; s3: {','.join(S3_CONTENDERS)}; gcs, azure: "
-        f"{','.join(CLOUD_CONTENDERS)}; file: {','.join(FILE_CONTENDERS)} (default: all of the store's)",
+        f"{','.join(CLOUD_CONTENDERS)}; file: {','.join(FILE_CONTENDERS)} (default: all of the store's); "
+        "s3, gcs, azure also take transport: the raw ceiling's bytes through dcp_cloud's store layer, "
+        "without DCP",
     )
     what.add_argument(
         "--ops",
@@ -1701,6 +1772,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="results/<name>.{json,md,png} (default: from the setting, e.g. moto-1024mib)",
     )
+    out.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help="where the JSON, Markdown, PNG and profiles go (default benchmarks/results)",
+    )
     out.add_argument("--no-plot", action="store_true", help="skip the PNG")
     out.add_argument(
         "--profile",
@@ -1718,7 +1795,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.worker:
         return args
-    allowed = CONTENDERS[args.store]
+    allowed = CONTENDERS[args.store] + OPT_IN_CONTENDERS[args.store]
     for option in ("contenders", "scaling_contenders", "profile_contenders"):
         unknown = [c for c in getattr(args, option) or [] if c not in allowed]
         if unknown:

@@ -159,29 +159,35 @@ class CloudStorageReader(StoreConnection, StorageReader):
         records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
         budget = ByteBudget(opts.memory_budget)
         buffers = ReadBuffers(granule=MiB, limit=opts.memory_budget)
-        waiting = deque(ranges)
+        waiting = deque((fetch, self._direct_route(fetch, direct, planner)) for fetch in ranges)
+        # Direct reads hold no buffer, so only the budget bounds buffered ranges; this bounds the
+        # futures waited on, while keeping the store's request slots busy.
+        max_in_flight = 4 * opts.max_concurrency
         in_flight: dict[concurrent.futures.Future[Any], _InFlight] = {}
         fetched = direct_items = 0
         try:
             while waiting or in_flight:
-                while waiting and budget.try_acquire(buffers.capacity(waiting[0].size)):
-                    fetch = waiting.popleft()
-                    pending = self._start(fetch, direct, planner, buffers)
+                while waiting and len(in_flight) < max_in_flight:
+                    fetch, route = waiting[0]
+                    if route is None and not budget.try_acquire(buffers.capacity(fetch.size)):
+                        break
+                    waiting.popleft()
+                    pending = self._start(fetch, route, buffers)
                     in_flight[pending.future] = pending
                     fetched += pending.size
                 done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
                 for future in done:
                     pending = in_flight.pop(future)
                     data = self._fetched(pending.fetch, future)
-                    if pending.target is not None:
-                        self._commit_direct(pending, planner)
+                    if pending.route is not None:
+                        self._commit_direct(pending.fetch, pending.route, planner)
                         direct_items += 1
                     else:
                         self._decode(pending.fetch, data, planner, records)
                         assert pending.buffer is not None
                         buffers.put(pending.buffer)
+                        budget.release(buffers.capacity(pending.fetch.size))
                     del data
-                    budget.release(buffers.capacity(pending.fetch.size))
         except BaseException:
             for future in in_flight:
                 future.cancel()
@@ -199,20 +205,25 @@ class CloudStorageReader(StoreConnection, StorageReader):
 
     # -- fetching ------------------------------------------------------------------------------
 
-    def _start(
-        self, fetch: FetchRange, direct: DirectReads, planner: LoadPlanner, buffers: ReadBuffers
-    ) -> _InFlight:
-        """Submit one range: a payload straight into its destination tensor when it can go
-        there, else the whole range into a fetch buffer."""
+    @staticmethod
+    def _direct_route(fetch: FetchRange, direct: DirectReads, planner: LoadPlanner) -> _DirectRoute | None:
+        """Where the range's payload can land as is, if it holds one such item."""
+        if len(fetch.items) != 1:
+            return None
+        payload = direct.payload(fetch.key, fetch.items[0])
+        if payload is None:
+            return None
+        target = direct.destination(fetch.items[0].requests[0], planner)
+        return None if target is None else _DirectRoute(payload, target)
+
+    def _start(self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers) -> _InFlight:
+        """Submit one range: its payload straight into the destination tensor when it has a
+        route, else the whole range into a fetch buffer."""
         store = self.store
-        payload = direct.payload(fetch.key, fetch.items[0]) if len(fetch.items) == 1 else None
-        if payload is not None:
-            request = fetch.items[0].requests[0]
-            target = direct.destination(request, planner)
-            if target is not None:
-                start = fetch.start + payload.offset
-                future = store.submit(self._fetch(fetch.key, start, tensor_memory(target)))
-                return _InFlight(future, fetch, payload.length, target=target, payload=payload)
+        if route is not None:
+            start = fetch.start + route.payload.offset
+            future = store.submit(self._fetch(fetch.key, start, tensor_memory(route.target)))
+            return _InFlight(future, fetch, route.payload.length, route=route)
         buffer, view = buffers.get(fetch.size)
         return _InFlight(store.submit(self._fetch(fetch.key, fetch.start, view)), fetch, fetch.size, buffer)
 
@@ -259,10 +270,9 @@ class CloudStorageReader(StoreConnection, StorageReader):
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def _commit_direct(self, pending: _InFlight, planner: LoadPlanner) -> None:
+    def _commit_direct(self, fetch: FetchRange, route: _DirectRoute, planner: LoadPlanner) -> None:
         """A payload landed in its destination: check it, and hand the tensor to the planner."""
-        fetch, payload, target = pending.fetch, pending.payload, pending.target
-        assert payload is not None and target is not None
+        payload, target = route.payload, route.target
         if self.verify_checksums and crc32c.crc32c(tensor_memory(target)) != payload.crc32c:
             start = fetch.start + payload.offset
             raise CorruptCheckpointError(
@@ -354,16 +364,23 @@ class CloudStorageReader(StoreConnection, StorageReader):
 
 
 @dataclass
+class _DirectRoute:
+    """A range's payload, and the destination tensor it is read into."""
+
+    payload: PayloadRecord
+    target: torch.Tensor
+
+
+@dataclass
 class _InFlight:
-    """A submitted range: into a fetch buffer, or (``target`` set) a payload into its tensor."""
+    """A submitted range: into a fetch buffer, or (``route`` set) a payload into its tensor."""
 
     future: concurrent.futures.Future[memoryview]
     fetch: FetchRange
     #: bytes requested
     size: int
     buffer: Any = None
-    target: torch.Tensor | None = None
-    payload: PayloadRecord | None = None
+    route: _DirectRoute | None = None
 
 
 class _ShortRead(Exception):
