@@ -613,7 +613,10 @@ def transport_save(parts: list[bytes], spec: WorkerSpec) -> None:
         upload = await store.start_upload(key)
         offsets = itertools.accumulate((len(parts[n]) for n in numbers), initial=0)
         await asyncio.gather(
-            *(store.upload_part(upload, i, offset, parts[n]) for i, (n, offset) in enumerate(zip(numbers, offsets), 1))
+            *(
+                store.upload_part(upload, i, offset, parts[n])
+                for i, (n, offset) in enumerate(zip(numbers, offsets), 1)
+            )
         )
         await store.complete_upload(upload)
 
@@ -696,8 +699,10 @@ def _measured(result: dict[str, Any], spec: WorkerSpec | None = None) -> Iterato
     baseline = psutil.Process().memory_info().rss
     with _py_spy(spec.profile if spec else None, spec.profile_format if spec else "raw"), PeakRss() as rss:
         start = time.perf_counter()
+        cpu_start = time.process_time()
         yield
         result["seconds"] = time.perf_counter() - start
+        result["cpu_s"] = time.process_time() - cpu_start
     result["baseline_rss_mib"] = baseline / MiB
     result["peak_extra_rss_mib"] = max(0, rss.peak - baseline) / MiB
     result["maxrss_extra_mib"] = max(0, _max_rss_bytes() - baseline) / MiB
@@ -944,6 +949,7 @@ class Measurement:
     size_mib: int = 0
     seconds: float | None = None
     blocked_s: float | None = None  # async_save: how long the call blocked the caller
+    cpu_s: float | None = None  # CPU seconds of the client process (all its threads) in the timed block
     payload_bytes: int = 0
     peak_extra_rss_mib: float | None = None
     maxrss_extra_mib: float | None = None
@@ -997,6 +1003,7 @@ def measure(
     result = json.loads(results[-1])
     m.seconds = result["seconds"]
     m.blocked_s = result.get("blocked_s")
+    m.cpu_s = result.get("cpu_s")
     m.payload_bytes = result["payload_bytes"]
     m.peak_extra_rss_mib = result["peak_extra_rss_mib"]
     m.maxrss_extra_mib = result["maxrss_extra_mib"]
@@ -1015,6 +1022,7 @@ class Row:
     seconds: float | None = None
     gb_per_s: float | None = None
     blocked_s: float | None = None
+    cpu_s: float | None = None  # the client's CPU seconds, all threads
     vs_baseline: float | None = None  # this contender's GB/s / dcp_cloud's
     baseline_vs: float | None = None  # dcp_cloud's GB/s / this contender's
     peak_extra_rss_mib: float | None = None
@@ -1059,6 +1067,8 @@ def summarize(
                     row.gb_per_s = ok[0].payload_bytes / row.seconds / 1e9
                     blocked = [m.blocked_s for m in ok if m.blocked_s is not None]
                     row.blocked_s = statistics.median(blocked) if blocked else None
+                    cpu = [m.cpu_s for m in ok if m.cpu_s is not None]
+                    row.cpu_s = statistics.median(cpu) if cpu else None
                     row.peak_extra_rss_mib = statistics.median(m.peak_extra_rss_mib or 0.0 for m in ok)
                     row.requests = _median_counts([m.requests for m in ok])
                     row.connections = _median_counts([m.connections for m in ok])
@@ -1082,6 +1092,7 @@ TABLE_HEADER = (
     "dcp_cloud vs it",
     "s (median)",
     "blocked s",
+    "client CPU s",
     "peak extra RSS MiB",
     "requests by kind",
 )
@@ -1112,7 +1123,7 @@ def table_cells(rows: list[Row], source: str) -> list[tuple[str, ...]]:
         if r.errors or r.skipped:
             why = r.skipped or "; ".join(r.errors)
             cells.append(
-                (r.contender, r.op, "FAILED" if r.errors else "skipped", "-", "-", "-", "-", "-", why)
+                (r.contender, r.op, "FAILED" if r.errors else "skipped", "-", "-", "-", "-", "-", "-", why)
             )
             continue
         cells.append(
@@ -1124,6 +1135,7 @@ def table_cells(rows: list[Row], source: str) -> list[tuple[str, ...]]:
                 _fmt(r.baseline_vs, ".2f", "x"),
                 _fmt(r.seconds, ".2f"),
                 _fmt(r.blocked_s, ".2f"),
+                _fmt(r.cpu_s, ".2f"),
                 _fmt(r.peak_extra_rss_mib, ".0f"),
                 _requests_cell(r, source),
             )

@@ -32,6 +32,7 @@ def test_bench_compares_dcp_cloud_raw_and_transport_on_moto(tmp_path: Path) -> N
         assert not row["errors"], row
         assert row["gb_per_s"] > 0
         assert row["peak_extra_rss_mib"] is not None
+        assert 0 < row["cpu_s"] < 60  # the client process's CPU time while it ran
     # requests as moto's log counted them: one multipart upload of two parts, two ranged GETs
     multipart = {"create_multipart_upload": 1, "upload_part": 2, "complete_multipart_upload": 1}
     assert rows["raw", "save"]["requests"] == multipart
@@ -47,6 +48,7 @@ def test_bench_compares_dcp_cloud_raw_and_transport_on_moto(tmp_path: Path) -> N
 
     markdown = (tmp_path / "smoke.md").read_text()
     assert "| transport | load |" in markdown
+    assert "client CPU s" in markdown
     assert "load: dcp_cloud >= 0.8x raw GET ceiling" in markdown
     assert not (tmp_path / "smoke.png").exists()  # --no-plot
 
