@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem

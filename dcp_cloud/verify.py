@@ -300,7 +300,9 @@ def _check_crcs(
                 p_start = item.offset + payload.offset
                 pa, pb = max(p_start, window.start), min(p_start + payload.length, window.end)
                 if pa < pb:
-                    item.payload_crc = crc32c.crc32c(view[pa - window.start : pb - window.start], item.payload_crc)
+                    item.payload_crc = crc32c.crc32c(
+                        view[pa - window.start : pb - window.start], item.payload_crc
+                    )
             if b == item.end:
                 _finish(store, item, report)
 

@@ -76,7 +76,9 @@ def test_payloads_recorded_are_the_tensors_bytes(target: Target) -> None:
 def test_large_tensors_land_directly_and_the_rest_is_copied(target: Target) -> None:
     state = _state()
     dcp.save(state, storage_writer=target.writer())
-    out = {k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    out = {
+        k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()
+    }
     where = out["big"].data_ptr()
     reader = target.reader(part_size=PART)
     dcp.load(out, storage_reader=reader)
@@ -103,7 +105,9 @@ def test_small_part_size_keeps_medium_tensors_coalesced(target: Target) -> None:
     state = _state()
     dcp.save(state, storage_writer=target.writer())
     reader = target.reader(part_size=20 * MiB)  # direct from 10 MiB up: none here
-    out = {k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    out = {
+        k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()
+    }
     dcp.load(out, storage_reader=reader)
     assert_same(state, out)
     assert reader.last_stats is not None and reader.last_stats.direct_items == 0
@@ -142,7 +146,9 @@ def test_version_1_manifests_still_load_and_verify(target: Target) -> None:
             entry["items"] = [fields[:3] for fields in entry["items"]]
 
     _edit_manifest(target.url, as_version_1, **target.storage_options)
-    out = {k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+    out = {
+        k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()
+    }
     reader = target.reader(part_size=PART)
     dcp.load(out, storage_reader=reader)
     assert_same(state, out)

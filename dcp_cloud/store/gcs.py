@@ -32,6 +32,7 @@ from gcsfs.retry import retry_request, validate_response
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
+from .body import PartBody
 from .bucket import BucketStore, delete_each
 from .fsspec_store import _modified
 
@@ -124,8 +125,8 @@ class GCSStore(BucketStore):
             self._upload_url,
             uploadType="media",
             name=self.full_key(key),
-            headers={"Content-Type": "application/octet-stream"},
-            data=data,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
+            data=PartBody(data),  # sent in slices: no copy of the part in aiohttp's write buffer
             json_out=True,
         )
 

@@ -13,7 +13,7 @@ ranged reads retry that case themselves with tenacity.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
+from .body import PartBody
 from .bucket import BucketStore
 
 T = TypeVar("T")
@@ -232,7 +233,7 @@ class S3Store(BucketStore):
             "upload_part",
             **self._upload_args(upload),
             PartNumber=part_number,
-            Body=_PartBody(data),
+            Body=PartBody(data),
         )
         upload.parts[part_number] = response["ETag"]
 
@@ -288,43 +289,3 @@ class S3Store(BucketStore):
             )
         except Exception:  # already gone, or the store is unreachable: gc cleans up later
             pass
-
-
-class _PartBody:
-    """A part's bytes as botocore and aiohttp take them without copying.
-
-    botocore hashes and checksums it through ``read``, which hands out slices of the part
-    buffer; aiohttp sends it as an async iterable of 1 MiB slices, waiting for the socket between
-    them. (A bytes body would be copied whole into the transport's write buffer, doubling the
-    memory in flight; a file object would be read 64 KiB at a time through a thread pool and
-    copied twice per read, on the event loop that every transfer shares.) Deliberately not an
-    ``io.IOBase``: aiobotocore would hand that to aiohttp as a file.
-    """
-
-    _SEND_CHUNK = 1024 * 1024
-
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self._view = memoryview(data).cast("B")
-        self._position = 0
-
-    def __len__(self) -> int:
-        return len(self._view)
-
-    def read(self, size: int | None = -1) -> memoryview:
-        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._position + size)
-        chunk = self._view[self._position : end]
-        self._position = max(self._position, end)
-        return chunk
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._position, 2: len(self._view)}[whence]
-        self._position = base + offset
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    async def __aiter__(self) -> AsyncIterator[memoryview]:
-        # each send is of the whole part (retries included), whatever was read before
-        for start in range(0, len(self._view), self._SEND_CHUNK):
-            yield self._view[start : start + self._SEND_CHUNK]
