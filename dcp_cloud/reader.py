@@ -61,8 +61,9 @@ class CloudStorageReader(StoreConnection, StorageReader):
         filesystem: an existing fsspec filesystem to use instead of ``storage_options``.
         part_size: bytes per ranged GET of a large item, and the largest merged range.
         max_concurrency: requests in flight per process.
-        memory_budget: bytes of fetched-but-undecoded data held at once (an item larger than
-            the budget is fetched alone).
+        memory_budget: bytes of fetch buffers held at once (a range larger than the budget
+            gets its buffer alone). Tensors read straight into their destination need no
+            buffer and are not held back by it.
         coalesce_gap: neighbouring items closer than this many bytes are fetched together.
         max_attempts: tries per request, retries included.
         deadline: seconds one request may take, retries included (default: no limit).

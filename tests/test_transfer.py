@@ -82,17 +82,24 @@ def test_local_folders_write_from_torch_save_memory_without_parts(tmp_path: Any)
     assert torch.equal(out["a"], state["a"]) and torch.equal(out["b"], state["b"]) and out["step"] == 7
 
 
-def test_download_fetches_ranges_concurrently_within_the_budget(target: Target) -> None:
-    # 2 MiB tensors, under half a part: fetched into buffers, two items per 5 MiB range
-    state = {f"t{i}": torch.randn(MiB // 2) for i in range(24)}  # 48 MiB
+def _load_probing_reads(target: Target, state: dict[str, torch.Tensor], budget: int) -> tuple[Any, _InFlight]:
+    """Save ``state``, load it back (5 MiB parts, 8 requests at a time, ``budget`` bytes of fetch
+    buffers) while recording the ranged reads in flight; returns the reader and the record."""
     dcp.save(state, storage_writer=target.writer())
-    reader = target.reader(part_size=5 * MiB, memory_budget=12 * MiB, max_concurrency=8)
+    reader = target.reader(part_size=5 * MiB, memory_budget=budget, max_concurrency=8)
     store: ObjectStore = reader.store
     probe = _InFlight()
     store.read_into = probe.wrap(store.read_into, lambda key, start, out: len(out))  # type: ignore[method-assign]
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(out, storage_reader=reader)
     assert all(torch.equal(out[k], v) for k, v in state.items())
+    return reader, probe
+
+
+def test_download_fetches_ranges_concurrently_within_the_budget(target: Target) -> None:
+    # 2 MiB tensors, under half a part: fetched into buffers, two items per 5 MiB range
+    state = {f"t{i}": torch.randn(MiB // 2) for i in range(24)}  # 48 MiB
+    reader, probe = _load_probing_reads(target, state, budget=12 * MiB)
     assert reader.last_stats is not None and reader.last_stats.direct_items == 0
     assert probe.max_calls >= 2, "ranges were fetched one at a time"
     assert probe.max_bytes <= 12 * MiB
@@ -102,14 +109,7 @@ def test_direct_reads_are_not_held_back_by_the_budget(target: Target) -> None:
     # 8 MiB tensors land straight in their destinations: they hold no fetch buffer, so the
     # budget (which bounds buffers) does not queue them behind one another
     state = {f"w{i}": torch.randn(2 * MiB) for i in range(6)}  # 48 MiB
-    dcp.save(state, storage_writer=target.writer())
-    reader = target.reader(part_size=5 * MiB, memory_budget=10 * MiB, max_concurrency=8)
-    store: ObjectStore = reader.store
-    probe = _InFlight()
-    store.read_into = probe.wrap(store.read_into, lambda key, start, out: len(out))  # type: ignore[method-assign]
-    out = {k: torch.zeros_like(v) for k, v in state.items()}
-    dcp.load(out, storage_reader=reader)
-    assert all(torch.equal(out[k], v) for k, v in state.items())
+    reader, probe = _load_probing_reads(target, state, budget=10 * MiB)
     assert reader.last_stats is not None and reader.last_stats.direct_items == 6
     assert probe.max_bytes > 10 * MiB
 
