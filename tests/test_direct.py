@@ -37,6 +37,13 @@ def _state() -> dict[str, Any]:
     }
 
 
+def _zeroed(state: dict[str, Any]) -> dict[str, Any]:
+    """A load target for ``state``: contiguous zeroed tensors, non-tensors blanked."""
+    return {
+        k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()
+    }
+
+
 def _manifest_key(store: Any) -> str:
     return next(o.key for o in store.run(store.list_objects("")) if o.key.endswith("manifest.json"))
 
@@ -76,9 +83,7 @@ def test_payloads_recorded_are_the_tensors_bytes(target: Target) -> None:
 def test_large_tensors_land_directly_and_the_rest_is_copied(target: Target) -> None:
     state = _state()
     dcp.save(state, storage_writer=target.writer())
-    out = {
-        k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()
-    }
+    out = _zeroed(state)
     where = out["big"].data_ptr()
     reader = target.reader(part_size=PART)
     dcp.load(out, storage_reader=reader)
@@ -105,9 +110,7 @@ def test_small_part_size_keeps_medium_tensors_coalesced(target: Target) -> None:
     state = _state()
     dcp.save(state, storage_writer=target.writer())
     reader = target.reader(part_size=20 * MiB)  # direct from 10 MiB up: none here
-    out = {
-        k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()
-    }
+    out = _zeroed(state)
     dcp.load(out, storage_reader=reader)
     assert_same(state, out)
     assert reader.last_stats is not None and reader.last_stats.direct_items == 0
@@ -146,9 +149,7 @@ def test_version_1_manifests_still_load_and_verify(target: Target) -> None:
             entry["items"] = [fields[:3] for fields in entry["items"]]
 
     _edit_manifest(target.url, as_version_1, **target.storage_options)
-    out = {
-        k: torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None for k, v in state.items()
-    }
+    out = _zeroed(state)
     reader = target.reader(part_size=PART)
     dcp.load(out, storage_reader=reader)
     assert_same(state, out)
