@@ -171,11 +171,9 @@ class ObjectUpload:
             raise RuntimeError(f"upload of {self.key} is already finished")
         self._closed = True
         if self._upload is None:
-            data = bytes(memoryview(self._buffer)[: self._fill]) if self._buffer is not None else b""
-            if self._buffer is not None:
-                self.pool.put(self._buffer)
-                self._buffer = None
-            return self.store.submit(self._put_whole(data))
+            buffer, fill = self._buffer, self._fill
+            self._buffer, self._fill = None, 0
+            return self.store.submit(self._put_whole(buffer, fill))
         if self._fill:
             self._send_part()
         elif self._buffer is not None:
@@ -183,11 +181,16 @@ class ObjectUpload:
             self._buffer = None
         return self.store.submit(self._complete())
 
-    async def _put_whole(self, data: bytes) -> int:
+    async def _put_whole(self, buffer: bytearray | None, fill: int) -> int:
+        """One PUT of the whole object, sent from its part buffer (held until then, within the
+        memory budget)."""
         try:
-            await self.store.put(self.key, data)
+            await self.store.put(self.key, memoryview(buffer)[:fill] if buffer is not None else b"")
         except Exception as exc:
             raise self._error(exc) from exc
+        finally:
+            if buffer is not None:
+                self.pool.put(buffer)
         return self._position
 
     async def _complete(self) -> int:

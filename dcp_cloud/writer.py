@@ -166,7 +166,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             flight, or two parts if parts are larger). Raise it where each connection is slow
             (high latency), to keep more parts in flight.
         object_size: a rank starts a new data object past this many bytes (default 128 MiB, or
-            one part if parts are larger).
+            one part if parts are larger; on GCS one part, where an object of several parts
+            costs an upload and a delete per part plus a compose).
         max_attempts: tries per request, retries included (throttling, 5xx, broken
             connections), with jittered exponential backoff.
         deadline: seconds one request may take, retries included (default: no limit).
@@ -207,6 +208,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             deadline=deadline,
         )
         StoreConnection.__init__(self, url, storage_options, filesystem, options)
+        self._object_size_given = object_size is not None
         self.overwrite = overwrite
         self.key_prefix = key_prefix
         self.rank = 0
@@ -216,6 +218,14 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         self.last_stats: TransferStats | None = None
         self._recorder: StatsRecorder | None = None
         self._active: _SavePrefix | None = None
+
+    @property
+    def object_size(self) -> int:
+        """Bytes past which a rank starts a new data object: ``object_size`` if given, else the
+        store's default (one part on stores that prefer one-part objects)."""
+        if not self._object_size_given and self.store.prefers_one_part_objects:
+            return self.options.part_size
+        return self.options.object_size
 
     def __repr__(self) -> str:
         return f"CloudStorageWriter({redact_url(self.url)!r}, overwrite={self.overwrite})"
@@ -381,7 +391,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         try:
             for item in items:
                 if upload is None or (
-                    upload.tell() and upload.tell() + _estimated_size(item) > self.options.object_size
+                    upload.tell() and upload.tell() + _estimated_size(item) > self.object_size
                 ):
                     if upload is not None:
                         closing.append((upload.key, upload.close_async()))

@@ -89,7 +89,9 @@ def test_stats_are_reported(target: Target) -> None:
     dcp.save(state, storage_writer=writer)
     stats = writer.last_stats
     assert stats is not None and stats.operation == "save"
-    assert stats.bytes > 8 * 1024 * 1024 and stats.items == 2 and stats.objects == 1
+    # one object, or (GCS: objects of one part by default) one more for the tensor above a part
+    objects = 2 if writer.store.prefers_one_part_objects else 1
+    assert stats.bytes > 8 * 1024 * 1024 and stats.items == 2 and stats.objects == objects
     # parts on object stores; positional writes straight from torch.save on local folders
     assert stats.requests.get("upload_part", 0) + stats.requests.get("write", 0) >= 1 and stats.seconds > 0
     assert "GB/s" in stats.summary()

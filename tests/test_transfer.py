@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from typing import Any
 
 import pytest
@@ -52,7 +53,9 @@ def parts_target(request: pytest.FixtureRequest, tmp_path: Any) -> Target:
 
 
 def test_upload_sends_parts_concurrently_within_the_budget(parts_target: Target) -> None:
-    writer = parts_target.writer(part_size=5 * MiB, memory_budget=15 * MiB, max_concurrency=8)
+    writer = parts_target.writer(
+        part_size=5 * MiB, memory_budget=15 * MiB, max_concurrency=8, object_size=64 * MiB
+    )
     store: ObjectStore = writer.store
     probe = _InFlight()
     store.upload_part = probe.wrap(store.upload_part, lambda upload, n, offset, data: len(data))  # type: ignore[method-assign]
@@ -64,6 +67,59 @@ def test_upload_sends_parts_concurrently_within_the_budget(parts_target: Target)
     out = {"a": torch.zeros(10 * MiB), "b": torch.zeros(3 * MiB)}
     dcp.load(out, storage_reader=parts_target.reader())
     assert torch.equal(out["a"], state["a"]) and torch.equal(out["b"], state["b"])
+
+
+def test_one_part_objects_are_put_from_their_part_buffer(parts_target: Target) -> None:
+    """An object smaller than a part goes up as one PUT of a view of its pooled buffer: no copy
+    outside the memory budget, and the buffer is reused only after the PUT."""
+    writer = parts_target.writer(part_size=5 * MiB, memory_budget=10 * MiB, object_size=5 * MiB)
+    store: ObjectStore = writer.store
+    seen: list[tuple[type, int]] = []
+    put = store.put
+
+    async def recording_put(key: str, data: Any, *, if_absent: bool = False) -> None:
+        if key.endswith(".distcp"):
+            seen.append((type(data), len(data)))
+            before = zlib.crc32(data)
+            await asyncio.sleep(0.05)  # other objects fill buffers meanwhile
+            assert zlib.crc32(data) == before, "the buffer was reused before the PUT ended"
+        await put(key, data, if_absent=if_absent)
+
+    store.put = recording_put  # type: ignore[method-assign]
+    state = {f"w{i}": torch.randn(MiB // 4 * 3) for i in range(8)}  # 3 MiB each: one per object
+    dcp.save(state, storage_writer=writer)
+    assert len(seen) == 8 and {kind for kind, _ in seen} == {memoryview}, seen
+    assert writer.last_stats is not None and "upload_part" not in writer.last_stats.requests
+    out = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(out, storage_reader=parts_target.reader())
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("store_name", ["s3", "gcs"])
+def test_gcs_objects_default_to_one_part(
+    store_name: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    """On GCS an object of several parts costs an upload and a delete per part plus a compose,
+    so by default only an item larger than a part makes one; S3 packs up to 128 MiB."""
+    target = make_target(store_name, request, tmp_path)
+    state = {f"m{i}": torch.randn(MiB // 4 * 3) for i in range(4)}  # 3 MiB each
+    state["big"] = torch.randn(3 * MiB)  # 12 MiB: three parts of 5 MiB
+    writer = target.writer(part_size=5 * MiB)
+    dcp.save(state, storage_writer=writer)
+    stats = writer.last_stats
+    assert stats is not None
+    if store_name == "gcs":
+        assert writer.object_size == 5 * MiB
+        assert stats.objects == 5 and stats.requests["complete_upload"] == 1  # the big item only
+    else:
+        assert writer.object_size == 128 * MiB
+        assert stats.objects == 1 and stats.requests["complete_upload"] == 1
+    packed = target.writer(target.url + "-packed", part_size=5 * MiB, object_size=64 * MiB)
+    dcp.save(state, storage_writer=packed)
+    assert packed.object_size == 64 * MiB and packed.last_stats is not None and packed.last_stats.objects == 1
+    out = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(out, storage_reader=target.reader())
+    assert all(torch.equal(out[k], v) for k, v in state.items())
 
 
 def test_local_folders_write_from_torch_save_memory_without_parts(tmp_path: Any) -> None:

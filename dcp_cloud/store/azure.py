@@ -107,8 +107,10 @@ class AzureBlobStore(BucketStore):
 
     # -- objects ------------------------------------------------------------------------------
 
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        await self._azure("put", key, self._blob(key).upload_blob(data, overwrite=not if_absent))
+    async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
+        # the SDK would iterate a memoryview byte by byte
+        body = data if isinstance(data, bytes) else bytes(data)
+        await self._azure("put", key, self._blob(key).upload_blob(body, overwrite=not if_absent))
 
     async def get(self, key: str) -> bytes:
         async def read() -> bytes:

@@ -72,6 +72,10 @@ class ObjectStore(abc.ABC):
 
     #: whether ``put(if_absent=True)`` is enforced by the store itself, atomically
     supports_conditional_put: bool = False
+    #: whether the writer's default object size is one part: where an object of several parts
+    #: costs much more than that many one-part objects (GCS: an upload and a delete per part,
+    #: plus a compose that rewrites the bytes on emulators)
+    prefers_one_part_objects: bool = False
 
     def __init__(self, url: str, root: str, max_concurrency: int = 16) -> None:
         self.url = url
@@ -127,8 +131,9 @@ class ObjectStore(abc.ABC):
     # -- the operations -----------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        """Write a whole object in one atomic request."""
+    async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
+        """Write a whole object in one atomic request. ``data`` may be a view of a buffer that
+        the caller reuses once this returns: keep no reference to it."""
 
     @abc.abstractmethod
     async def get(self, key: str) -> bytes:

@@ -60,7 +60,8 @@ class FsspecStore(ObjectStore):
                 raise
             raise translated from exc
 
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
+        data = data if isinstance(data, bytes) else bytes(data)  # not every filesystem takes a view
         path = self.path(key)
         await self._ensure_parent(key, path)
         if if_absent:

@@ -55,6 +55,7 @@ class GCSStore(BucketStore):
     """Store over a ``gcsfs.GCSFileSystem``."""
 
     supports_conditional_put = True
+    prefers_one_part_objects = True
 
     def _object_path(self, key: str) -> str:
         return f"b/{quote(self.bucket, safe='')}/o/{quote(self.full_key(key), safe='')}"
@@ -109,11 +110,11 @@ class GCSStore(BucketStore):
 
     # -- objects ------------------------------------------------------------------------------
 
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
         if if_absent:
             # A multipart/related upload carries ifGenerationMatch=0 on every GCS server; some
             # emulators ignore it on media and resumable uploads.
-            await self._put_related(key, data)
+            await self._put_related(key, bytes(data))
         else:
             await self._put_media("put", key, data)
 

@@ -74,7 +74,7 @@ class LocalStore(ObjectStore):
         if self.fsync:
             os.fsync(fd)
 
-    def _put(self, path: str, data: bytes, if_absent: bool) -> None:
+    def _put(self, path: str, data: bytes | bytearray | memoryview, if_absent: bool) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = self._temp_path(path)
         try:
@@ -90,7 +90,7 @@ class LocalStore(ObjectStore):
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
         await self._call("put", key, self._put, self.path(key), data, if_absent)
 
     def _read(self, path: str, start: int | None, end: int | None) -> bytes:

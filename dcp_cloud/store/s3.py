@@ -115,10 +115,11 @@ class S3Store(BucketStore):
             self.counter.retry(retries)
         return response
 
-    async def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
         condition = {"IfNoneMatch": "*"} if if_absent else {}
+        body = data if isinstance(data, bytes) else PartBody(data)
         await self._s3(
-            "put", key, "put_object", Bucket=self.bucket, Key=self.full_key(key), Body=data, **condition
+            "put", key, "put_object", Bucket=self.bucket, Key=self.full_key(key), Body=body, **condition
         )
 
     async def _with_body_retries(self, read: Callable[[], Awaitable[T]]) -> T:
