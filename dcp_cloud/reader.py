@@ -161,8 +161,10 @@ class CloudStorageReader(StoreConnection, StorageReader):
         budget = ByteBudget(opts.memory_budget)
         buffers = ReadBuffers(granule=MiB, limit=opts.memory_budget)
         waiting = deque((fetch, self._direct_route(fetch, direct, planner)) for fetch in ranges)
-        # Direct reads hold no buffer, so only the budget bounds buffered ranges; this bounds the
-        # futures waited on, while keeping the store's request slots busy.
+        # Direct reads hold no buffer of ours, so the budget bounds buffered ranges only (and
+        # direct ones where the client library buffers each download); this bounds the futures
+        # waited on, while keeping the store's request slots busy.
+        direct_costs_memory = store.buffers_downloads
         max_in_flight = 4 * opts.max_concurrency
         in_flight: dict[concurrent.futures.Future[Any], _InFlight] = {}
         fetched = direct_items = 0
@@ -170,7 +172,9 @@ class CloudStorageReader(StoreConnection, StorageReader):
             while waiting or in_flight:
                 while waiting and len(in_flight) < max_in_flight:
                     fetch, route = waiting[0]
-                    if route is None and not budget.try_acquire(buffers.capacity(fetch.size)):
+                    if (route is None or direct_costs_memory) and not budget.try_acquire(
+                        self._held_bytes(fetch, route, buffers)
+                    ):
                         break
                     waiting.popleft()
                     pending = self._start(fetch, route, buffers)
@@ -183,6 +187,8 @@ class CloudStorageReader(StoreConnection, StorageReader):
                     if pending.route is not None:
                         self._commit_direct(pending.fetch, pending.route, planner)
                         direct_items += 1
+                        if direct_costs_memory:
+                            budget.release(self._held_bytes(pending.fetch, pending.route, buffers))
                     else:
                         self._decode(pending.fetch, data, planner, records)
                         assert pending.buffer is not None
@@ -216,6 +222,13 @@ class CloudStorageReader(StoreConnection, StorageReader):
             return None
         target = direct.destination(fetch.items[0].requests[0], planner)
         return None if target is None else _DirectRoute(payload, target)
+
+    def _held_bytes(self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers) -> int:
+        """Memory a range holds while in flight: its fetch buffer, or for a direct read (on
+        stores that buffer downloads) the pieces the client library holds at once."""
+        if route is None:
+            return buffers.capacity(fetch.size)
+        return min(route.payload.length, self.options.max_concurrency * self.options.part_size)
 
     def _start(self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers) -> _InFlight:
         """Submit one range: its payload straight into the destination tensor when it has a

@@ -163,11 +163,15 @@ def test_download_fetches_ranges_concurrently_within_the_budget(target: Target) 
 
 def test_direct_reads_are_not_held_back_by_the_budget(target: Target) -> None:
     # 8 MiB tensors land straight in their destinations: they hold no fetch buffer, so the
-    # budget (which bounds buffers) does not queue them behind one another
+    # budget (which bounds buffers) does not queue them behind one another, except on stores
+    # whose client library buffers every download (Azure), where they hold memory all the same
     state = {f"w{i}": torch.randn(2 * MiB) for i in range(6)}  # 48 MiB
     reader, probe = _load_probing_reads(target, state, budget=10 * MiB)
     assert reader.last_stats is not None and reader.last_stats.direct_items == 6
-    assert probe.max_bytes > 10 * MiB
+    if reader.store.buffers_downloads:
+        assert probe.max_bytes <= 10 * MiB, f"{probe.max_bytes} bytes downloading, budget 10 MiB"
+    else:
+        assert probe.max_bytes > 10 * MiB
 
 
 def test_small_items_are_packed_and_coalesced(s3_target: Target) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, PendingUpload
+from .body import PartBody
 from .bucket import BucketStore, delete_each
 
 
@@ -55,6 +56,7 @@ class AzureBlobStore(BucketStore):
     """Store over an ``adlfs.AzureBlobFileSystem``."""
 
     supports_conditional_put = True
+    buffers_downloads = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(fs, url, root, max_concurrency)
@@ -108,7 +110,7 @@ class AzureBlobStore(BucketStore):
     # -- objects ------------------------------------------------------------------------------
 
     async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
-        # the SDK would iterate a memoryview byte by byte
+        # the SDK's single-request upload takes bytes only
         body = data if isinstance(data, bytes) else bytes(data)
         await self._azure("put", key, self._blob(key).upload_blob(body, overwrite=not if_absent))
 
@@ -179,9 +181,10 @@ class AzureBlobStore(BucketStore):
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
         block = block_id(upload.state, part_number)
-        body = memoryview(data)  # sent from our buffer as it is: no copy per part
+        # slices of our buffer: a memoryview body would be copied whole into aiohttp's write buffer
+        body = PartBody(data)
         await self._azure(
-            "upload_part", upload.key, self._blob(upload.key).stage_block(block, body, length=body.nbytes)
+            "upload_part", upload.key, self._blob(upload.key).stage_block(block, body, length=len(body))
         )
         upload.parts[part_number] = block
 

@@ -76,6 +76,9 @@ class ObjectStore(abc.ABC):
     #: costs much more than that many one-part objects (GCS: an upload and a delete per part,
     #: plus a compose that rewrites the bytes on emulators)
     prefers_one_part_objects: bool = False
+    #: whether ``read_into`` holds the whole range in the client library's own buffer before
+    #: copying it out (Azure's SDK does), so even reads into the destination cost memory
+    buffers_downloads: bool = False
 
     def __init__(self, url: str, root: str, max_concurrency: int = 16) -> None:
         self.url = url
