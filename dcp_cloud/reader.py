@@ -63,7 +63,8 @@ class CloudStorageReader(StoreConnection, StorageReader):
         max_concurrency: requests in flight per process.
         memory_budget: bytes of fetch buffers held at once (a range larger than the budget
             gets its buffer alone). Tensors read straight into their destination need no
-            buffer and are not held back by it.
+            buffer and are not held back by it, except on Azure, whose SDK buffers every
+            download.
         coalesce_gap: neighbouring items closer than this many bytes are fetched together.
         max_attempts: tries per request, retries included.
         deadline: seconds one request may take, retries included (default: no limit).
