@@ -165,7 +165,6 @@ class CloudStorageReader(StoreConnection, StorageReader):
         # Direct reads hold no buffer of ours, so the budget bounds buffered ranges only (and
         # direct ones where the client library buffers each download); this bounds the futures
         # waited on, while keeping the store's request slots busy.
-        direct_costs_memory = store.buffers_downloads
         max_in_flight = 4 * opts.max_concurrency
         in_flight: dict[concurrent.futures.Future[Any], _InFlight] = {}
         fetched = direct_items = 0
@@ -173,12 +172,11 @@ class CloudStorageReader(StoreConnection, StorageReader):
             while waiting or in_flight:
                 while waiting and len(in_flight) < max_in_flight:
                     fetch, route = waiting[0]
-                    if (route is None or direct_costs_memory) and not budget.try_acquire(
-                        self._held_bytes(fetch, route, buffers)
-                    ):
+                    held = self._held_bytes(fetch, route, buffers)
+                    if held and not budget.try_acquire(held):
                         break
                     waiting.popleft()
-                    pending = self._start(fetch, route, buffers)
+                    pending = self._start(fetch, route, buffers, held)
                     in_flight[pending.future] = pending
                     fetched += pending.size
                 done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -188,14 +186,12 @@ class CloudStorageReader(StoreConnection, StorageReader):
                     if pending.route is not None:
                         self._commit_direct(pending.fetch, pending.route, planner)
                         direct_items += 1
-                        if direct_costs_memory:
-                            budget.release(self._held_bytes(pending.fetch, pending.route, buffers))
                     else:
                         self._decode(pending.fetch, data, planner, records)
                         assert pending.buffer is not None
                         buffers.put(pending.buffer)
-                        budget.release(buffers.capacity(pending.fetch.size))
                     del data
+                    budget.release(pending.held)
         except BaseException:
             for future in in_flight:
                 future.cancel()
@@ -225,22 +221,29 @@ class CloudStorageReader(StoreConnection, StorageReader):
         return None if target is None else _DirectRoute(payload, target)
 
     def _held_bytes(self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers) -> int:
-        """Memory a range holds while in flight: its fetch buffer, or for a direct read (on
-        stores that buffer downloads) the pieces the client library holds at once."""
+        """Memory a range holds while in flight, counted against the budget: its fetch buffer;
+        for a direct read nothing, except on stores whose client library buffers downloads
+        (then the pieces it holds at once)."""
         if route is None:
             return buffers.capacity(fetch.size)
+        if not self.store.buffers_downloads:
+            return 0
         return min(route.payload.length, self.options.max_concurrency * self.options.part_size)
 
-    def _start(self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers) -> _InFlight:
+    def _start(
+        self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers, held: int
+    ) -> _InFlight:
         """Submit one range: its payload straight into the destination tensor when it has a
         route, else the whole range into a fetch buffer."""
         store = self.store
         if route is not None:
             start = fetch.start + route.payload.offset
             future = store.submit(self._fetch(fetch.key, start, tensor_memory(route.target)))
-            return _InFlight(future, fetch, route.payload.length, route=route)
+            return _InFlight(future, fetch, route.payload.length, held, route=route)
         buffer, view = buffers.get(fetch.size)
-        return _InFlight(store.submit(self._fetch(fetch.key, fetch.start, view)), fetch, fetch.size, buffer)
+        return _InFlight(
+            store.submit(self._fetch(fetch.key, fetch.start, view)), fetch, fetch.size, held, buffer
+        )
 
     async def _fetch(self, key: str, start: int, out: memoryview) -> memoryview:
         """Fill ``out`` with the object's bytes from ``start``, in concurrent pieces of at most
@@ -394,6 +397,8 @@ class _InFlight:
     fetch: FetchRange
     #: bytes requested
     size: int
+    #: bytes counted against the memory budget until it lands
+    held: int
     buffer: Any = None
     route: _DirectRoute | None = None
 
