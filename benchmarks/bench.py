@@ -99,7 +99,15 @@ STORES = tuple(CONTENDERS)
 # Contenders run only when named in --contenders. "transport": the raw ceiling's objects moved
 # by dcp_cloud's own store layer (its client, one event loop) without DCP, which splits a gap
 # to the raw ceiling into the transport's share and the checkpoint logic's share.
-OPT_IN_CONTENDERS = {"s3": ("transport",), "gcs": ("transport",), "azure": ("transport",), "file": ()}
+# "dcp_cloud_unverified": dcp_cloud loading with verify_checksums=False, which measures what the
+# CRC32C check costs (the raw ceiling checks nothing).
+UNVERIFIED = "dcp_cloud_unverified"
+OPT_IN_CONTENDERS = {
+    "s3": ("transport", UNVERIFIED),
+    "gcs": ("transport", UNVERIFIED),
+    "azure": ("transport", UNVERIFIED),
+    "file": (UNVERIFIED,),
+}
 # Contenders that move the raw ceiling's bytes (no state dict, no DCP)
 BYTE_CONTENDERS = ("raw", "transport")
 # URL scheme and fsspec client module of each object store
@@ -340,7 +348,8 @@ def _dcp_cloud_writer(spec: WorkerSpec) -> Any:
 def _dcp_cloud_reader(spec: WorkerSpec) -> Any:
     from dcp_cloud import CloudStorageReader
 
-    return CloudStorageReader(spec.url, **_dcp_cloud_kwargs(spec))
+    verify = spec.contender != UNVERIFIED
+    return CloudStorageReader(spec.url, verify_checksums=verify, **_dcp_cloud_kwargs(spec))
 
 
 def _fsspec_writer(threads: int) -> Callable[[WorkerSpec], Any]:
@@ -393,6 +402,7 @@ def _s3torch_reader(spec: WorkerSpec) -> Any:
 
 WRITERS: dict[str, Callable[[WorkerSpec], Any]] = {
     "dcp_cloud": _dcp_cloud_writer,
+    UNVERIFIED: _dcp_cloud_writer,
     "fsspec_t1": _fsspec_writer(1),
     "fsspec_t8": _fsspec_writer(8),
     "s3torchconnector": _s3torch_writer,
@@ -401,6 +411,7 @@ WRITERS: dict[str, Callable[[WorkerSpec], Any]] = {
 }
 READERS: dict[str, Callable[[WorkerSpec], Any]] = {
     "dcp_cloud": _dcp_cloud_reader,
+    UNVERIFIED: _dcp_cloud_reader,
     "fsspec_t1": _fsspec_reader,
     "fsspec_t8": _fsspec_reader,
     "s3torchconnector": _s3torch_reader,
@@ -655,7 +666,7 @@ def _preimport(contender: str, store: str) -> None:
     """Import the contender's client libraries before timing: a one-off cost per process that
     some writers pay in their constructor and others inside the first save or load."""
     if store == "file":
-        modules = ["dcp_cloud"] if contender == "dcp_cloud" else []
+        modules = ["dcp_cloud"] if contender in (BASELINE, UNVERIFIED) else []
     elif store == "s3":
         modules = {"raw": ["boto3"], "s3torchconnector": ["s3torchconnector.dcp"]}.get(contender, ["s3fs"])
     else:

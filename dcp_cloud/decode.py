@@ -26,7 +26,7 @@ _LOCAL_HEADER_MAGIC = 0x04034B50
 # The widest natural alignment of a dtype torch stores (complex128). The writer starts every
 # item at a multiple of 64 bytes, and torch.save aligns records to 64 within an item, so records
 # of fetched ranges are aligned whenever the fetch buffer is (malloc gives 16).
-_ALIGNMENT = 16
+RECORD_ALIGNMENT = 16
 
 
 class _Unsupported(Exception):
@@ -80,7 +80,7 @@ class _TensorUnpickler(pickle.Unpickler):
         if nbytes == 0:
             return torch.storage.TypedStorage(dtype=dtype, _internal=True)
         raw = torch.frombuffer(record, dtype=torch.uint8)
-        if raw.data_ptr() % _ALIGNMENT:
+        if raw.data_ptr() % RECORD_ALIGNMENT:
             # Kernels may assume natural alignment (complex128 needs 16 bytes): copy instead.
             raw = raw.clone()
         untyped = raw.untyped_storage()

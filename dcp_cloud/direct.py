@@ -14,9 +14,10 @@ import math
 import sys
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
 
+from .decode import RECORD_ALIGNMENT
 from .fetch import StoredItem
 from .manifest import ItemRecord, Manifest, PayloadRecord
 
@@ -70,6 +71,42 @@ class DirectReads:
         ):
             return None
         return target
+
+    def stored_tensor(self, key: str, item: StoredItem, item_bytes: memoryview) -> torch.Tensor | None:
+        """The stored tensor chunk of a fetched ``item`` as a view of ``item_bytes``, located
+        by its payload record instead of by parsing its torch.save archive; None when the
+        manifest records no payload for it or the payload is not the whole chunk."""
+        record = self._records.get((key, item.offset))
+        if record is None or record.payload is None or record.length != item.length:
+            return None
+        payload = record.payload
+        request = item.requests[0]
+        dtype = self._stored_dtype(request)
+        chunk = self._stored_chunk(request)
+        if request.type != LoadItemType.TENSOR or dtype is None or chunk is None or payload.length == 0:
+            return None
+        if math.prod(chunk.sizes) * dtype.itemsize != payload.length:
+            return None
+        if payload.offset + payload.length > len(item_bytes):
+            return None
+        raw = torch.frombuffer(
+            item_bytes[payload.offset : payload.offset + payload.length], dtype=torch.uint8
+        )
+        if raw.data_ptr() % RECORD_ALIGNMENT:
+            raw = raw.clone()  # kernels may assume natural alignment
+        return raw.view(dtype).view(chunk.sizes)
+
+    def _stored_chunk(self, request: ReadItem) -> ChunkStorageMetadata | None:
+        """The stored chunk ``request`` reads from."""
+        if self._metadata is None:
+            return None
+        entry = self._metadata.state_dict_metadata.get(request.storage_index.fqn)
+        if not isinstance(entry, TensorStorageMetadata):
+            return None
+        index, offset = request.storage_index.index, request.storage_index.offset
+        if index is not None and index < len(entry.chunks) and entry.chunks[index].offsets == offset:
+            return entry.chunks[index]
+        return next((c for c in entry.chunks if c.offsets == offset), None)
 
     def _stored_dtype(self, request: ReadItem) -> torch.dtype | None:
         if self._metadata is None:

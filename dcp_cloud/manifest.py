@@ -3,7 +3,7 @@
 It is a small JSON object at ``<save_id>/manifest.json``, written by the coordinator just before
 ``.metadata``. Readers that don't know it (torch's FileSystemReader) ignore it; our reader uses it
 to check every item's CRC32C and every object's size, and to read large tensors' bytes straight
-into their destination (each large tensor item records where its raw bytes lie).
+into their destination (each tensor item records where its raw bytes lie).
 """
 
 from __future__ import annotations

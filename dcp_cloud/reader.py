@@ -187,7 +187,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
                         self._commit_direct(pending.fetch, pending.route, planner)
                         direct_items += 1
                     else:
-                        self._decode(pending.fetch, data, planner, records)
+                        self._decode(pending.fetch, data, planner, records, direct)
                         assert pending.buffer is not None
                         buffers.put(pending.buffer)
                     del data
@@ -306,6 +306,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
         data: memoryview,
         planner: LoadPlanner,
         records: dict[tuple[str, int], ItemRecord],
+        direct: DirectReads,
     ) -> None:
         for item in fetch.items:
             start = item.offset - fetch.start
@@ -324,7 +325,11 @@ class CloudStorageReader(StoreConnection, StorageReader):
                     planner.load_bytes(request, io.BytesIO(item_view))
                 continue
             try:
-                tensor = load_tensor(item_view)
+                # the manifest's payload record spares parsing the archive (hundreds of tiny
+                # tensors per model: norms, biases)
+                tensor = direct.stored_tensor(fetch.key, item, item_view)
+                if tensor is None:
+                    tensor = load_tensor(item_view)
             except Exception as exc:
                 raise CorruptCheckpointError(
                     f"{self.store.url}/{fetch.key}: cannot decode bytes [{item.offset}, "

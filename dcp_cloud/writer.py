@@ -41,9 +41,10 @@ DCP_METADATA_VERSION = "1.0.0"  # what torch's FileSystemWriter writes; FileSyst
 # records torch.save aligns within an item stay aligned in our read buffers: decoding can alias
 # the fetched bytes instead of copying them.
 ITEM_ALIGNMENT = 64
-# Tensors at least this large get their payload's place recorded in the manifest (smaller ones
-# are always fetched together with their neighbours).
-PAYLOAD_MIN_BYTES = 64 * 1024
+# Tensors at least this large get their payload's place recorded in the manifest: large ones are
+# read straight into their destination, small ones copied from the fetched bytes without
+# parsing their torch.save archive.
+PAYLOAD_MIN_BYTES = 1
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ def _cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _has_plain_payload(tensor: torch.Tensor) -> bool:
-    """Whether torch.save of ``tensor`` stores exactly its row-major contents as one record, and
-    that record is large enough to be worth reading straight into a destination tensor."""
+    """Whether torch.save of ``tensor`` stores exactly its row-major contents as one record (and
+    the tensor is not empty)."""
     return (
         tensor.nbytes >= PAYLOAD_MIN_BYTES
         and tensor.is_contiguous()

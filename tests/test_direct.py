@@ -71,9 +71,10 @@ def test_payloads_recorded_are_the_tensors_bytes(target: Target) -> None:
     dcp.save(state, storage_writer=target.writer())
     store, manifest = _manifest(target)
     recorded = _records_by_size(manifest)
-    # the two contiguous tensors have payloads; the transposed one and the small one have none
-    assert sorted(recorded) == sorted([state["big"].nbytes, state["bf"].nbytes])
-    for name in ("big", "bf"):
+    # the contiguous tensors have payloads; the transposed one has none
+    names = ("big", "bf", "small")
+    assert sorted(recorded) == sorted(state[name].nbytes for name in names)
+    for name in names:
         key, record = recorded[state[name].nbytes]
         start = record.offset + record.payload.offset
         stored = store.run(store.get_range(key, start, start + record.payload.length))
@@ -90,6 +91,31 @@ def test_large_tensors_land_directly_and_the_rest_is_copied(target: Target) -> N
     assert_same(state, out)
     assert out["big"].data_ptr() == where
     assert reader.last_stats is not None and reader.last_stats.direct_items == 2
+
+
+def test_small_tensors_are_copied_from_their_payload_without_parsing_the_archive(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dcp_cloud.reader as reader_module
+
+    state = {
+        **_state(),
+        "scalar": torch.tensor(2.5),
+        "ints": torch.arange(10),
+        "half": torch.ones(3, 5).half(),
+    }
+    url = str(tmp_path / "ckpt")
+    dcp.save(state, storage_writer=CloudStorageWriter(url))
+    parsed: list[int] = []
+    parse = reader_module.load_tensor
+    monkeypatch.setattr(reader_module, "load_tensor", lambda view: parsed.append(len(view)) or parse(view))
+    out = _zeroed(state)
+    reader = CloudStorageReader(url, part_size=PART)
+    dcp.load(out, storage_reader=reader)
+    assert_same(state, out)
+    assert reader.last_stats is not None and reader.last_stats.direct_items == 2
+    # only the transposed tensor, whose storage is not row-major, has no payload to copy from
+    assert len(parsed) == 1
 
 
 def test_destinations_that_do_not_fit_are_filled_by_copy(target: Target) -> None:
@@ -212,7 +238,8 @@ def test_verify_checks_payload_checksums_across_windows(tmp_path: Any) -> None:
 
     _edit_manifest(url, spoil_payload_crcs)
     bad = verify_checkpoint(url, part_size=30_000)
-    assert [(p.kind, p.tensors) for p in bad.problems] == [("checksum", ["w"])]
+    # both tensors have payloads (small ones too): each spoiled record is reported
+    assert sorted((p.kind, p.tensors) for p in bad.problems) == [("checksum", ["b"]), ("checksum", ["w"])]
 
 
 def test_a_destination_view_keeps_its_tensor_alive() -> None:
