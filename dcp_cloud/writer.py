@@ -41,7 +41,7 @@ DCP_METADATA_VERSION = "1.0.0"  # what torch's FileSystemWriter writes; FileSyst
 # records torch.save aligns within an item stay aligned in our read buffers: decoding can alias
 # the fetched bytes instead of copying them.
 ITEM_ALIGNMENT = 64
-# Tensors at least this large get their payload's place recorded in the manifest: large ones are
+# Every non-empty plain tensor gets its payload's place recorded in the manifest: large ones are
 # read straight into their destination, small ones copied from the fetched bytes without
 # parsing their torch.save archive.
 PAYLOAD_MIN_BYTES = 1
