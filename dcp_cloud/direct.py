@@ -43,11 +43,8 @@ class DirectReads:
 
     def payload(self, key: str, item: StoredItem) -> PayloadRecord | None:
         """The payload to read into the destination, if the plan wants all of the stored tensor."""
-        record = self._records.get((key, item.offset))
-        if record is None or record.payload is None or record.length != item.length:
-            return None
-        payload = record.payload
-        if payload.length < self.min_bytes or len(item.requests) != 1:
+        payload = self._recorded_payload(key, item)
+        if payload is None or payload.length < self.min_bytes or len(item.requests) != 1:
             return None
         request = item.requests[0]
         dtype = self._stored_dtype(request)
@@ -76,14 +73,13 @@ class DirectReads:
         """The stored tensor chunk of a fetched ``item`` as a view of ``item_bytes``, located
         by its payload record instead of by parsing its torch.save archive; None when the
         manifest records no payload for it or the payload is not the whole chunk."""
-        record = self._records.get((key, item.offset))
-        if record is None or record.payload is None or record.length != item.length:
-            return None
-        payload = record.payload
+        payload = self._recorded_payload(key, item)
         request = item.requests[0]
         dtype = self._stored_dtype(request)
         chunk = self._stored_chunk(request)
-        if request.type != LoadItemType.TENSOR or dtype is None or chunk is None or payload.length == 0:
+        if payload is None or request.type != LoadItemType.TENSOR or dtype is None or chunk is None:
+            return None
+        if payload.length == 0:
             return None
         if math.prod(chunk.sizes) * dtype.itemsize != payload.length:
             return None
@@ -95,6 +91,13 @@ class DirectReads:
         if raw.data_ptr() % RECORD_ALIGNMENT:
             raw = raw.clone()  # kernels may assume natural alignment
         return raw.view(dtype).view(chunk.sizes)
+
+    def _recorded_payload(self, key: str, item: StoredItem) -> PayloadRecord | None:
+        """The manifest's payload record of the stored item, if it has one."""
+        record = self._records.get((key, item.offset))
+        if record is None or record.length != item.length:
+            return None
+        return record.payload
 
     def _stored_chunk(self, request: ReadItem) -> ChunkStorageMetadata | None:
         """The stored chunk ``request`` reads from."""
