@@ -15,14 +15,18 @@ committed ``.metadata`` points to. Keys are POSIX and relative, exactly what tor
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Callable
 
 METADATA_KEY = ".metadata"
 MANIFEST_NAME = "manifest.json"
+INTENT_NAME = "intent.json"
 DATA_SUFFIX = ".distcp"
 SAVE_ID_PREFIX = "save-"
+#: exactly what :func:`new_save_id` makes; a folder merely named ``save-...`` is not a save
+_SAVE_ID = re.compile(r"^save-\d{8}T\d{6}Z-[0-9a-f]{8}$")
 
 
 def metadata_key(rank: int | None = None) -> str:
@@ -34,6 +38,16 @@ def new_save_id() -> str:
     """A save-unique, time-sortable id, e.g. ``save-20261122T200102Z-3f9a1c0b``."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return f"{SAVE_ID_PREFIX}{stamp}-{secrets.token_hex(4)}"
+
+
+def is_save_id(name: str) -> bool:
+    """Whether ``name`` has the exact form of a save id that :func:`new_save_id` makes."""
+    return bool(_SAVE_ID.match(name))
+
+
+def intent_key(save_id: str) -> str:
+    """Key of the intent record a save writes before its first data object."""
+    return f"{save_id}/{INTENT_NAME}"
 
 
 def data_key(save_id: str, file_prefix: str, index: int) -> str:
@@ -49,7 +63,7 @@ def manifest_key(save_id: str) -> str:
 def save_id_of_key(key: str) -> str | None:
     """The save id a data or manifest key belongs to, or None for keys outside any save."""
     head, sep, _ = key.partition("/")
-    if sep and head.startswith(SAVE_ID_PREFIX):
+    if sep and is_save_id(head):
         return head
     return None
 
