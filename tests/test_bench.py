@@ -65,3 +65,46 @@ def test_bench_takes_transport_only_where_dcp_cloud_has_a_store_layer() -> None:
         assert "transport" not in CONTENDERS[store]  # opt-in: a default run keeps its contenders
     with pytest.raises(SystemExit):
         parse_args(["--store", "file", "--contenders", "transport"])
+
+
+def test_bench_help_is_the_same_under_each_entry_point() -> None:
+    # python -m benchmarks and python -m benchmarks.bench are one command line
+    helps = [
+        subprocess.run(
+            [sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        for module in ("benchmarks", "benchmarks.bench")
+    ]
+    assert [h.returncode for h in helps] == [0, 0], helps[0].stderr + helps[1].stderr
+    assert helps[0].stdout == helps[1].stdout
+    assert helps[0].stdout.startswith("usage: python -m benchmarks.bench ")
+    for option in ("--size-mib", "--contenders", "--store", "--latency-ms", "--raw-streams", "--results-dir"):
+        assert option in helps[0].stdout
+
+
+def test_bench_summary_takes_medians_and_ratios_to_dcp_cloud() -> None:
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks.measurement import Measurement
+        from benchmarks.summary import summarize
+        from benchmarks.tables import TABLE_HEADER, markdown_table, table_cells
+    finally:
+        sys.path.remove(str(REPO))
+
+    def m(contender: str, round_index: int, seconds: float, error: str | None = None) -> Measurement:
+        return Measurement(
+            contender, "load", round_index, "s3://b/p", 1, seconds=seconds, payload_bytes=10**9,
+            peak_extra_rss_mib=10.0 * round_index, requests={"get_object": 2 + round_index}, error=error,
+        )  # fmt: skip
+
+    measurements = [m("dcp_cloud", r, s) for r, s in enumerate((1.0, 4.0, 2.0))]
+    measurements += [m("raw", r, s) for r, s in enumerate((0.5, 0.5, 1.0))]
+    measurements += [m("fsspec_t8", 0, 1.0), m("fsspec_t8", 1, 0.0, error="boom")]
+    rows = {r.contender: r for r in summarize(measurements, ["dcp_cloud", "raw", "fsspec_t8"], ("load",))}
+    assert rows["dcp_cloud"].seconds == 2.0 and rows["dcp_cloud"].gb_per_s == pytest.approx(0.5)
+    assert rows["dcp_cloud"].requests == {"get_object": 3}
+    assert rows["raw"].vs_baseline == pytest.approx(4.0) and rows["raw"].baseline_vs == pytest.approx(0.25)
+    assert rows["fsspec_t8"].errors == ["round 1: boom"] and rows["fsspec_t8"].gb_per_s is None
+    table = markdown_table(TABLE_HEADER, table_cells(list(rows.values()), "moto server log"))
+    assert "| raw | load | 2.000 | 4.00x | 0.25x | 0.50 |" in table
+    assert "| fsspec_t8 | load | FAILED |" in table
