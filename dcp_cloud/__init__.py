@@ -20,6 +20,7 @@ from .errors import (
     IncompleteCheckpointError,
     StoreAccessError,
     StoreConfigError,
+    StoreUnavailableError,
     UnsafeCheckpointError,
     UploadError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "ReversedRankPrefix",
     "StoreAccessError",
     "StoreConfigError",
+    "StoreUnavailableError",
     "TensorInfo",
     "TransferStats",
     "UnsafeCheckpointError",

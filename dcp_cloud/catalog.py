@@ -1,10 +1,13 @@
 """Finding checkpoints under a prefix from one listing.
 
 A prefix (a run folder, a bucket) may hold many checkpoints. Each is a folder holding
-``.metadata`` (committed) and/or ``save-*/`` data (a save in progress, or one that never
-committed: incomplete). torch's own ``FileSystemWriter`` layout (``__0_0.distcp`` beside
-``.metadata``) is recognised too. :func:`summarize` groups the objects of one recursive LIST
-into :class:`CheckpointSummary` records, without reading any object.
+``.metadata`` (committed) and/or save folders of ours (a folder named with a strict save id that
+holds our intent record or manifest: a save in progress, or one that never committed:
+incomplete). torch's own ``FileSystemWriter`` layout (``__0_0.distcp`` beside ``.metadata``) is
+recognised too. Any other folder is an ordinary folder, whatever its name: ``run/save-best`` with
+a ``.metadata`` is a committed checkpoint of its own, and checkpoints nested inside another one's
+folder are listed separately. :func:`summarize` groups the objects of one recursive LIST into
+:class:`CheckpointSummary` records, without reading any object.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from . import layout
+from .ownership import is_metadata_name
 from .store import ObjectInfo, open_store
 
 COMMITTED = "committed"
@@ -61,27 +65,52 @@ def step_of(folder_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _is_metadata(name: str) -> bool:
-    return name == layout.METADATA_KEY or (name.startswith("__") and name.endswith(".metadata"))
+def save_folders(keys: Iterable[str]) -> set[str]:
+    """Save folders (``<folder>/<save id>``) that a listing shows holding a record of ours."""
+    found = set()
+    for key in keys:
+        head, _, name = key.rpartition("/")
+        if name in (layout.INTENT_NAME, layout.MANIFEST_NAME) and layout.is_save_id(head.rpartition("/")[2]):
+            found.add(head)
+    return found
 
 
-def checkpoint_folder(key: str) -> str | None:
-    """The checkpoint folder a key belongs to, or None for keys that are not checkpoint parts."""
+def committed_folders(keys: Iterable[str]) -> set[str]:
+    """Folders that a listing shows holding a commit marker (``.metadata``, ``__N.metadata``)."""
+    return {head for head, _, name in (key.rpartition("/") for key in keys) if is_metadata_name(name)}
+
+
+def checkpoint_folder(
+    key: str, saves: set[str] | None = None, committed: set[str] | None = None
+) -> str | None:
+    """The checkpoint folder a key belongs to, or None for keys that are not checkpoint parts.
+
+    The innermost enclosing folder decides: one holding a commit marker (``committed``, see
+    :func:`committed_folders`) is a checkpoint of its own, even inside another checkpoint's
+    save folder; a save folder of ours (``saves``, see :func:`save_folders`) belongs to the
+    checkpoint around it. Without ``saves``, every folder named with a strict save id counts
+    as one.
+    """
     parts = key.split("/")
-    for i, part in enumerate(parts[:-1]):
-        if part.startswith(layout.SAVE_ID_PREFIX):
-            return "/".join(parts[:i])
     name = parts[-1]
-    if _is_metadata(name) or name.endswith(layout.DATA_SUFFIX):
-        return "/".join(parts[:-1])
-    return None
+    part = is_metadata_name(name) or name.endswith(layout.DATA_SUFFIX)
+    for i in range(len(parts) - 1, 0, -1):
+        folder = "/".join(parts[:i])
+        if committed is not None and folder in committed:
+            return folder if part else None
+        if layout.is_save_id(parts[i - 1]) and (saves is None or folder in saves):
+            return "/".join(parts[: i - 1])
+    return "/".join(parts[:-1]) if part else None
 
 
 def summarize(objects: Iterable[ObjectInfo]) -> list[CheckpointSummary]:
     """Group one listing's objects into checkpoints, sorted by step (then path)."""
+    objects = list(objects)
+    saves = save_folders(o.key for o in objects)
+    committed = committed_folders(o.key for o in objects)
     groups: dict[str, list[ObjectInfo]] = {}
     for obj in objects:
-        folder = checkpoint_folder(obj.key)
+        folder = checkpoint_folder(obj.key, saves, committed)
         if folder is not None:
             groups.setdefault(folder, []).append(obj)
     found = []

@@ -48,6 +48,13 @@ def key_problem(key: Any) -> str | None:
             return "has an empty path segment"
         if unquote(segment) in (".", ".."):
             return f"has a {segment!r} segment"
+    # a client or server that percent-decodes keys must not find a traversal either
+    decoded = unquote(key)
+    if decoded != key:
+        if "\\" in decoded or decoded.startswith("/") or _CONTROL.search(decoded):
+            return "holds a percent-encoded separator or control character that escapes the checkpoint"
+        if any(part in (".", "..") for part in decoded.split("/")):
+            return "has a percent-encoded '.' or '..' segment"
     return None
 
 

@@ -9,14 +9,16 @@ from fsspec import AbstractFileSystem
 
 from .options import TransferOptions
 from .store import ObjectStore, open_store
-from .urls import is_supported_url
+from .urls import is_usable_url, normalize_url
 
 
 class StoreConnection:
     """Holds the checkpoint URL and opens its store lazily.
 
     Picklable (for ``async_save``'s PROCESS mode and for launchers that ship objects to workers):
-    the open store is dropped on pickling and reopened on first use.
+    the open store is dropped on pickling and reopened on first use. ``url`` is kept in the form
+    :func:`~dcp_cloud.urls.normalize_url` gives (a local path made absolute), so a URL with
+    credentials, a query string or ``..`` segments is refused here, before anything is written.
     """
 
     def __init__(
@@ -26,9 +28,9 @@ class StoreConnection:
         filesystem: AbstractFileSystem | None,
         options: TransferOptions,
     ) -> None:
-        self.url = os.fspath(url)
-        self.storage_options = dict(storage_options or {})
         self.filesystem = filesystem
+        self.url = normalize_url(url, _local_paths(filesystem))
+        self.storage_options = dict(storage_options or {})
         self.options = options
         self._store: ObjectStore | None = None
 
@@ -48,17 +50,26 @@ class StoreConnection:
                 self.options.max_concurrency,
                 self.options.max_attempts,
                 self.options.deadline,
+                self.options.retry_window,
             )
         return self._store
 
     def _set_url(self, checkpoint_id: str | os.PathLike[str] | None) -> None:
         """Point at ``checkpoint_id`` (DCP's reset); a falsy id keeps the current URL."""
         if checkpoint_id:
-            new_url = os.fspath(checkpoint_id)
+            new_url = normalize_url(checkpoint_id, _local_paths(self.filesystem))
             if new_url != self.url:
                 self.url = new_url
                 self._store = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
-        return is_supported_url(os.fspath(checkpoint_id))
+        """Whether ``checkpoint_id`` is a URL this class can use (see ``normalize_url``)."""
+        return is_usable_url(os.fspath(checkpoint_id))
+
+
+def _local_paths(filesystem: AbstractFileSystem | None) -> bool:
+    """Whether a plain path given with ``filesystem`` names a local file."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return filesystem is None or isinstance(filesystem, LocalFileSystem)

@@ -4,11 +4,17 @@ The data objects and the manifest are copied in parallel (large objects as multi
 ranged reads, ``part_size`` bytes at a time), and ``.metadata`` is written at the destination
 only after all of them are in place: until then the destination shows nothing new, exactly as
 after a save that has not committed. Objects of replaced generations and debris are not copied.
+
+Every key copied comes from the source's own files (``.metadata`` locators, the manifest's
+save id), so each is confined to the checkpoint (:func:`dcp_cloud.confine.confine_key`) before
+anything is read or written; on a local folder, source or destination, the resolved path of
+each object (symbolic links followed) must also lie inside that folder.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,12 +25,16 @@ from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.metadata import Metadata
 
 from . import layout
-from .errors import CheckpointExistsError, CorruptCheckpointError, DcpCloudError
+from .confine import confine_key, is_confined
+from .errors import CheckpointExistsError, CorruptCheckpointError, DcpCloudError, UnsafeCheckpointError
 from .info import read_metadata
 from .manifest import Manifest
 from .options import MiB
 from .safe_pickle import load_metadata
 from .store import ObjectStore, open_store
+from .store.local import LocalStore
+
+logger = logging.getLogger("dcp_cloud")
 
 
 @dataclass
@@ -43,7 +53,7 @@ class CopyReport:
 
 
 def data_keys(metadata: Metadata) -> set[str]:
-    """The data objects that committed metadata points to."""
+    """The data objects that committed metadata points to, as written there (not confined)."""
     return {
         info.relative_path
         for info in (metadata.storage_data or {}).values()
@@ -51,23 +61,61 @@ def data_keys(metadata: Metadata) -> set[str]:
     }
 
 
+def confined_data_keys(metadata: Metadata, where: str) -> set[str]:
+    """The data objects that committed metadata points to, each confined to the checkpoint;
+    :class:`UnsafeCheckpointError` naming the first that is not (``where`` names the file)."""
+    storage_data = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    return {confine_key(getattr(info, "relative_path", None), where) for info in storage_data.values()}
+
+
+def _check_inside(store: ObjectStore, key: str) -> None:
+    """On a local folder: refuse ``key`` when its resolved path (symbolic links followed)
+    leaves the folder, so a link planted in the folder cannot redirect a read or a write."""
+    if not isinstance(store, LocalStore):
+        return
+    root = os.path.realpath(store.root)
+    path = os.path.realpath(os.path.join(store.root, *key.split("/")))
+    if os.path.commonpath([root, path]) != root:
+        raise UnsafeCheckpointError(
+            f"{store.url}: the object {key!r} resolves to a path outside that folder (a symbolic "
+            "link on its way); nothing was copied through it. Remove the link, or copy to or "
+            "from a folder without links."
+        )
+
+
+def _check_distinct(source: ObjectStore, target: ObjectStore, same_options: bool) -> None:
+    """Refuse a copy onto its own source: the same local folder (links resolved), or the same
+    URL of a store reached with the same options."""
+    if isinstance(source, LocalStore) and isinstance(target, LocalStore):
+        same = os.path.realpath(source.root) == os.path.realpath(target.root)
+    else:
+        same = same_options and source.url == target.url
+    if same:
+        raise CheckpointExistsError(
+            f"{target.url}: the destination is the source checkpoint itself; copy to another URL."
+        )
+
+
 def _manifest_bytes(
     src: ObjectStore, metadata: Metadata, keys: set[str], replaced: set[str]
 ) -> tuple[str, bytes] | None:
     """The source manifest, rewritten to record what it replaces at the destination."""
     save_id = getattr(metadata.storage_meta, "save_id", None)
-    if not save_id or not any(layout.save_id_of_key(k) == save_id for k in keys):
+    if not isinstance(save_id, str) or not layout.is_save_id(save_id):
+        return None
+    if not any(layout.save_id_of_key(k) == save_id for k in keys):
         return None
     key = layout.manifest_key(save_id)
+    _check_inside(src, key)
     try:
         data = src.run(src.get(key))
     except FileNotFoundError:
         return None
     try:
         manifest = Manifest.from_json(data)
-    except ValueError:
-        return key, data
-    manifest.replaced = replaced - keys - {key}
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError, DcpCloudError):
+        return key, data  # copied as it is: loading the copy reports it as the source would
+    manifest.replaced = {k for k in replaced if is_confined(k)} - keys - {key}
     return key, manifest.to_json()
 
 
@@ -108,7 +156,9 @@ def copy_checkpoint(
     :class:`CheckpointNotFoundError` when ``src`` has no ``.metadata``,
     :class:`CorruptCheckpointError` when an object it references is missing, and
     :class:`CheckpointExistsError` when ``dst`` holds a committed checkpoint and not
-    ``overwrite``. A replaced destination checkpoint's objects are left for the next save or
+    ``overwrite``, and :class:`UnsafeCheckpointError`, before anything is copied, when the
+    source's files name a key outside the checkpoint or a local folder's symbolic link leads
+    outside it. A replaced destination checkpoint's objects are left for the next save or
     ``collect_garbage`` to remove, so loads still reading it finish. ``progress`` is called
     with the bytes of each transfer, ``on_total`` once with the bytes to copy.
     """
@@ -117,15 +167,22 @@ def copy_checkpoint(
     options = storage_options if dst_storage_options is None else dst_storage_options
     target = open_store(dst, options, dst_filesystem, max_concurrency)
     report = CopyReport(src=source.url, dst=target.url)
+    _check_distinct(source, target, dst_storage_options is None and dst_filesystem is filesystem)
+    _check_inside(source, layout.METADATA_KEY)
 
     try:
         metadata_bytes = source.run(source.get(layout.METADATA_KEY))
     except FileNotFoundError:
         read_metadata(source)  # raises the error that says what is there instead
         raise
-    metadata = load_metadata(metadata_bytes, f"{source.url}/{layout.METADATA_KEY}")
-    keys = data_keys(metadata)
-    sizes = {o.key: o.size for o in source.run(source.list_objects(""))}
+    where = f"{source.url}/{layout.METADATA_KEY}"
+    metadata = load_metadata(metadata_bytes, where)
+    keys = confined_data_keys(metadata, where)
+    for key in sorted(keys):
+        _check_inside(source, key)
+        _check_inside(target, key)
+    _check_inside(target, layout.METADATA_KEY)
+    sizes = {o.key: o.size for o in source.run(source.list_objects("")) if o.key in keys}
     missing = sorted(k for k in keys if k not in sizes)
     if missing:
         raise CorruptCheckpointError(
@@ -136,6 +193,8 @@ def copy_checkpoint(
     report.replaced = previous is not None
     existing = {o.key for o in target.run(target.list_objects(""))}
     manifest = _manifest_bytes(source, metadata, keys, data_keys(previous) if previous else set())
+    if manifest is not None:
+        _check_inside(target, manifest[0])
 
     if on_total is not None:
         on_total(sum(sizes[k] for k in keys))

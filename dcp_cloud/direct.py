@@ -47,7 +47,7 @@ class DirectReads:
         if payload is None or payload.length < self.min_bytes or len(item.requests) != 1:
             return None
         request = item.requests[0]
-        dtype = self._stored_dtype(request)
+        dtype = self.stored_dtype(request)
         if request.type != LoadItemType.TENSOR or dtype is None or any(request.storage_offsets):
             return None
         # A box of the stored chunk starting at its origin, with as many bytes as the chunk
@@ -58,7 +58,7 @@ class DirectReads:
 
     def destination(self, request: ReadItem, planner: LoadPlanner) -> torch.Tensor | None:
         """The planner's destination for ``request``, if the payload can land in it as is."""
-        dtype = self._stored_dtype(request)
+        dtype = self.stored_dtype(request)
         target = planner.resolve_tensor(request).detach()
         if (
             target.device.type != "cpu"
@@ -75,8 +75,8 @@ class DirectReads:
         manifest records no payload for it or the payload is not the whole chunk."""
         payload = self._recorded_payload(key, item)
         request = item.requests[0]
-        dtype = self._stored_dtype(request)
-        chunk = self._stored_chunk(request)
+        dtype = self.stored_dtype(request)
+        chunk = self.stored_chunk(request)
         if payload is None or request.type != LoadItemType.TENSOR or dtype is None or chunk is None:
             return None
         if payload.length == 0:
@@ -99,7 +99,7 @@ class DirectReads:
             return None
         return record.payload
 
-    def _stored_chunk(self, request: ReadItem) -> ChunkStorageMetadata | None:
+    def stored_chunk(self, request: ReadItem) -> ChunkStorageMetadata | None:
         """The stored chunk ``request`` reads from."""
         if self._metadata is None:
             return None
@@ -111,7 +111,8 @@ class DirectReads:
             return entry.chunks[index]
         return next((c for c in entry.chunks if c.offsets == offset), None)
 
-    def _stored_dtype(self, request: ReadItem) -> torch.dtype | None:
+    def stored_dtype(self, request: ReadItem) -> torch.dtype | None:
+        """The dtype ``.metadata`` gives the stored tensor ``request`` reads from."""
         if self._metadata is None:
             return None
         entry = self._metadata.state_dict_metadata.get(request.storage_index.fqn)

@@ -21,6 +21,11 @@ class BucketNotFoundError(DcpCloudError, FileNotFoundError):
     """The bucket or container named in the URL does not exist."""
 
 
+class StoreUnavailableError(DcpCloudError, ConnectionError):
+    """The store did not answer (refused or timed-out connections, or 5xx/throttling answers)
+    within the request's tries and retry window."""
+
+
 class StoreAccessError(DcpCloudError, PermissionError):
     """The store refused the credentials or the operation."""
 
@@ -38,7 +43,8 @@ class CorruptCheckpointError(DcpCloudError):
 
 
 class UnsafeCheckpointError(CorruptCheckpointError):
-    """``.metadata`` references something other than DCP's metadata classes."""
+    """A checkpoint's files ask for something outside the checkpoint or unsafe to run: a key
+    that leaves its prefix, or a pickle global that is not allowed."""
 
 
 class CheckpointExistsError(DcpCloudError, FileExistsError):

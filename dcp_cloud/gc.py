@@ -1,10 +1,13 @@
 """Garbage collection: the debris of saves that never committed.
 
-A save that crashed or lost its commit leaves data objects under its ``save-*`` folder that no
-``.metadata`` references, and possibly multipart uploads that were never completed or aborted.
-``collect_garbage`` finds both under a prefix (one checkpoint, or a run holding many) and removes
-what is older than a grace period: a save still in progress has recent objects and uploads, and
-is never touched.
+A save that crashed or lost its commit leaves data objects under its save folder that no
+``.metadata`` references, and possibly uploads that were never completed or aborted.
+``collect_garbage`` finds them under a prefix (one checkpoint, or a run holding many) and removes
+only what :mod:`dcp_cloud.ownership` proves dcp_cloud wrote: saves whose own records (intent,
+manifest) account for every object deleted, that no committed ``.metadata`` anywhere under the
+prefix references, whose lease has run out (a save in flight renews it), and whose newest object
+is older than a grace period. User files, checkpoints of other tools and folders that merely look
+like saves are never touched.
 """
 
 from __future__ import annotations
@@ -17,10 +20,8 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from . import layout
-from .errors import DcpCloudError
-from .safe_pickle import load_metadata
-from .store import ObjectInfo, ObjectStore, open_store
+from . import ownership
+from .store import open_store
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -36,45 +37,9 @@ class GcReport:
     deleted: list[str] = field(default_factory=list)
     bytes_freed: int = 0
     aborted_uploads: list[str] = field(default_factory=list)
+    #: save folders kept because their lease is live or they are within the grace period
     kept_recent: list[str] = field(default_factory=list)
     unreadable_metadata: list[str] = field(default_factory=list)
-
-
-def _split_save(key: str) -> tuple[str, str] | None:
-    """(checkpoint folder, save id) of a key inside a ``save-*`` folder, else None."""
-    parts = key.split("/")
-    for i, part in enumerate(parts[:-1]):
-        if part.startswith(layout.SAVE_ID_PREFIX):
-            return "/".join(parts[:i]), part
-    return None
-
-
-def _is_metadata(name: str) -> bool:
-    return name == layout.METADATA_KEY or (name.startswith("__") and name.endswith(".metadata"))
-
-
-def _referenced_saves(
-    store: ObjectStore, objects: list[ObjectInfo], report: GcReport
-) -> set[tuple[str, str]]:
-    """(folder, save id) pairs that some committed metadata points into; folders whose
-    metadata cannot be read count as referencing every save in them."""
-    referenced: set[tuple[str, str]] = set()
-    for obj in objects:
-        folder, _, name = obj.key.rpartition("/")
-        if not _is_metadata(name) or _split_save(obj.key) is not None:
-            continue
-        try:
-            metadata = load_metadata(store.run(store.get(obj.key)), f"{store.url}/{obj.key}")
-        except (DcpCloudError, FileNotFoundError) as exc:
-            report.unreadable_metadata.append(obj.key)
-            logger.warning("gc: keeping every save under %r: %s", folder or ".", exc)
-            referenced.add((folder, "*"))
-            continue
-        for info in (metadata.storage_data or {}).values():
-            save_id = layout.save_id_of_key(getattr(info, "relative_path", ""))
-            if save_id:
-                referenced.add((folder, save_id))
-    return referenced
 
 
 def collect_garbage(
@@ -85,44 +50,38 @@ def collect_garbage(
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
     dry_run: bool = False,
 ) -> GcReport:
-    """Remove uncommitted saves and stale multipart uploads under ``url``.
+    """Remove uncommitted saves and their stale uploads under ``url``.
 
-    Only objects inside ``save-*`` folders that no ``.metadata`` beside them references are
-    candidates, and only when the newest of them is older than ``grace_seconds``; incomplete
-    multipart uploads are aborted when they were started more than ``grace_seconds`` ago.
-    Committed checkpoints, and anything not written by dcp_cloud, are never touched.
+    A save is removed only when dcp_cloud's own records prove it wrote it, no committed
+    ``.metadata`` under ``url`` (at any depth) references it, its lease has expired (a save in
+    flight holds one, honoured whatever ``grace_seconds`` is), and its newest object or upload is
+    older than ``grace_seconds``. Only objects its records account for are deleted, and only
+    uploads of its keys are aborted. Committed checkpoints, and anything not written by
+    dcp_cloud, are never touched.
     """
     store = open_store(url, storage_options, filesystem)
     report = GcReport(url=store.url, dry_run=dry_run)
     now = time.time()
-    objects = store.run(store.list_objects(""))
-    referenced = _referenced_saves(store, objects, report)
-
-    saves: dict[tuple[str, str], list[ObjectInfo]] = {}
-    for obj in objects:
-        located = _split_save(obj.key)
-        if located is not None:
-            saves.setdefault(located, []).append(obj)
-
-    doomed: list[ObjectInfo] = []
-    for (folder, save_id), members in sorted(saves.items()):
-        if (folder, save_id) in referenced or (folder, "*") in referenced:
-            continue
-        newest = max((m.modified or now) for m in members)
-        if now - newest < grace_seconds:
-            report.kept_recent.append(f"{folder}/{save_id}".lstrip("/"))
-            continue
-        doomed.extend(members)
-
-    report.deleted = [o.key for o in doomed]
-    report.bytes_freed = sum(o.size for o in doomed)
-    stale = [u for u in store.run(store.list_uploads("")) if now - u.last_activity >= grace_seconds]
+    found = ownership.scan(store)
+    report.unreadable_metadata = list(found.unreadable_metadata)
+    doomed: list[ownership.SaveFolder] = []
+    for save in found.saves:
+        reason = ownership.collectable(save, found, now, grace_seconds)
+        if reason is None:
+            doomed.append(save)
+        elif reason != "referenced":
+            report.kept_recent.append(save.path)
+    report.deleted = [key for save in doomed for key in save.deletion_order()]
+    report.bytes_freed = sum(o.size for save in doomed for o in save.owned)
+    stale = [u for save in doomed for u in save.uploads]
     report.aborted_uploads = [u.key for u in stale]
     if not dry_run:
-        if doomed:
-            store.run(store.delete(report.deleted))
         for upload in stale:
             store.run(store.abort_upload(upload.upload))
+        for save in doomed:
+            keys = save.deletion_order()
+            if keys:
+                store.run(store.delete(keys))
     logger.info(
         "dcp_cloud gc %s: %s %d objects (%.1f MB), %d stale uploads; kept %d recent saves",
         store.url,

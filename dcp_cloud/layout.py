@@ -6,6 +6,8 @@ A checkpoint at ``<url>`` holds, relative to that prefix::
     __<rank>.metadata                  per-rank metadata when saved with use_collectives=False
     <save_id>/__<rank>_<n>.distcp      data objects of one save, packed torch.save items
     <save_id>/manifest.json            our manifest: sizes and CRC32C of every item
+    <save_id>/intent.json              our intent record while the save runs: the data keys it
+                                       will write and its lease (see dcp_cloud.ownership)
 
 Every save writes its data under a fresh ``save_id``, so a save never overwrites bytes that a
 committed ``.metadata`` points to. Keys are POSIX and relative, exactly what torch's
@@ -20,13 +22,15 @@ import secrets
 import time
 from collections.abc import Callable
 
+from .confine import key_problem
+
 METADATA_KEY = ".metadata"
 MANIFEST_NAME = "manifest.json"
 INTENT_NAME = "intent.json"
 DATA_SUFFIX = ".distcp"
 SAVE_ID_PREFIX = "save-"
 #: exactly what :func:`new_save_id` makes; a folder merely named ``save-...`` is not a save
-_SAVE_ID = re.compile(r"^save-\d{8}T\d{6}Z-[0-9a-f]{8}$")
+_SAVE_ID = re.compile(r"save-\d{8}T\d{6}Z-[0-9a-f]{8}")
 
 
 def metadata_key(rank: int | None = None) -> str:
@@ -42,7 +46,7 @@ def new_save_id() -> str:
 
 def is_save_id(name: str) -> bool:
     """Whether ``name`` has the exact form of a save id that :func:`new_save_id` makes."""
-    return bool(_SAVE_ID.match(name))
+    return isinstance(name, str) and _SAVE_ID.fullmatch(name) is not None
 
 
 def intent_key(save_id: str) -> str:
@@ -115,8 +119,13 @@ class ReversedRankPrefix:
 def rank_file_prefix(rank: int, strategy: Callable[[int], str] | None = None) -> str:
     """The part of a data key between the save id and the object's index, for one rank."""
     spread = strategy(rank) if strategy is not None else ""
-    if spread and (spread.startswith("/") or ".." in spread.split("/")):
-        raise ValueError(f"key prefix {spread!r} for rank {rank} must be a relative key")
     if spread and not spread.endswith("/"):
         spread += "/"
-    return f"{spread}__{rank}_"
+    prefix = f"{spread}__{rank}_"
+    problem = key_problem(prefix)
+    if problem is not None:
+        raise ValueError(
+            f"key prefix {spread!r} for rank {rank} makes data keys start with {prefix!r}, which "
+            f"{problem}; key_prefix must return plain relative folders such as 'ab/'"
+        )
+    return prefix

@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import threading
+import time
 from typing import Any
 
 import torch.distributed as dist
@@ -28,8 +29,10 @@ import torch.distributed.checkpoint as dcp
 from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
+from . import ownership
 from .catalog import summarize
 from .errors import CheckpointNotFoundError, DcpCloudError
+from .ownership import is_metadata_name
 from .reader import CloudStorageReader
 from .store import ObjectStore, open_store
 from .urls import redact_url
@@ -66,17 +69,34 @@ def committed_steps(store: ObjectStore) -> list[int]:
 
 
 def delete_step(store: ObjectStore, step: int) -> int:
-    """Delete every object of one step, ``.metadata`` first so that a partial deletion never
-    leaves something that looks committed. Returns the number of objects deleted."""
+    """Delete one step's checkpoint: its ``.metadata`` files first (so that a partial deletion
+    never leaves something that looks committed), then the saves of ours directly in its folder
+    (see :mod:`dcp_cloud.ownership`). A checkpoint nested in the step's folder, user files there,
+    objects of other tools and a save in flight (live lease) are kept. Returns the number of
+    objects deleted."""
     folder = step_folder(step)
-    keys = [o.key for o in store.run(store.list_objects(folder + "/"))]
-    markers = [k for k in keys if k.rsplit("/", 1)[-1].endswith(".metadata")]
+
+    def own_marker(key: str) -> bool:
+        head, _, name = key.rpartition("/")
+        return head == folder and is_metadata_name(name)
+
+    found = ownership.scan(store, folder + "/", retiring=own_marker)
+    markers = [o.key for o in found.objects if own_marker(o.key)]
+    now = time.time()
+    doomed = [
+        save
+        for save in found.saves
+        if save.folder == folder and not found.is_referenced(save) and not save.lease_live(now)
+    ]
     if markers:
         store.run(store.delete(markers))
-    rest = [k for k in keys if k not in set(markers)]
-    if rest:
-        store.run(store.delete(rest))
-    return len(keys)
+    for save in doomed:
+        for upload in save.uploads:
+            store.run(store.abort_upload(upload.upload))
+    keys = [key for save in doomed for key in save.deletion_order()]
+    if keys:
+        store.run(store.delete(keys))
+    return len(markers) + len(keys)
 
 
 def _distributed(group: dist.ProcessGroup | None) -> bool:

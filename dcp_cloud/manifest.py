@@ -12,11 +12,27 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
+
+from .confine import key_problem
+from .errors import CorruptCheckpointError, UnsafeCheckpointError
 
 FORMAT = "dcp_cloud.manifest"
 VERSION = 2  # 2: item payloads and the writer's byte order
 _READABLE_VERSIONS = (1, 2)
+#: offsets and lengths are below this (S3 objects are far smaller; torch's own limit is int64)
+MAX_OFFSET = 2**63
+#: how many of a document's problems an error lists
+_SHOWN_PROBLEMS = 5
+
+
+class ManifestError(CorruptCheckpointError, ValueError):
+    """A manifest is not a valid dcp_cloud manifest document (also a ValueError)."""
+
+
+class UnsafeManifestError(UnsafeCheckpointError, ValueError):
+    """A manifest names a key outside its checkpoint (also a ValueError)."""
 
 
 @dataclass(frozen=True)
@@ -99,27 +115,129 @@ class Manifest:
         return json.dumps(doc, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Manifest:
-        doc = json.loads(data)
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} document")
-        version = doc.get("version", 0)
-        if version not in _READABLE_VERSIONS:
-            raise ValueError(
-                f"manifest version {version} is not one this dcp_cloud understands "
+    def from_json(cls, data: bytes, where: str = "manifest.json", save_id: str | None = None) -> Manifest:
+        """Parse and validate a manifest document read from ``where``.
+
+        Every field is checked against the schema (types, ranges, each payload inside its
+        item, each object's size covering its items), and every key it names is confined to
+        the checkpoint. ``save_id``, when given, is the save folder the manifest was read from,
+        which the document must name.
+
+        Raises:
+            ManifestError: the document is not a valid manifest (a :class:`CorruptCheckpointError`).
+            UnsafeManifestError: it names a key outside the checkpoint (an
+                :class:`UnsafeCheckpointError`).
+        """
+        doc = _parse(data, where)
+        if doc.version not in _READABLE_VERSIONS:
+            raise ManifestError(
+                f"{where}: manifest version {doc.version} is not one this dcp_cloud understands "
                 f"({', '.join(map(str, _READABLE_VERSIONS))}); upgrade dcp-cloud"
             )
-        objects = {
-            key: [ItemRecord.from_json(fields) for fields in entry["items"]]
-            for key, entry in doc["objects"].items()
-        }
+        if save_id is not None and doc.save_id != save_id:
+            raise ManifestError(
+                f"{where} names the save {doc.save_id!r}, not the folder {save_id!r} it lies in: "
+                "it belongs to another save"
+            )
+        objects: dict[str, list[ItemRecord]] = {}
+        for key, entry in doc.objects.items():
+            _confine(key, where, "object")
+            records = [ItemRecord.from_json(list(fields)) for fields in entry.items]
+            _check_records(key, entry.size, records, where)
+            objects[key] = records
+        for key in doc.replaced:
+            _confine(key, where, "replaced")
         return cls(
-            save_id=doc["save_id"],
+            save_id=doc.save_id,
             objects=objects,
-            created=float(doc.get("created", 0.0)),
-            torch_version=doc.get("torch_version", ""),
-            dcp_cloud_version=doc.get("dcp_cloud_version", ""),
-            replaced=set(doc.get("replaced", [])),
+            created=doc.created,
+            torch_version=doc.torch_version,
+            dcp_cloud_version=doc.dcp_cloud_version,
+            replaced=set(doc.replaced),
             # version 1 recorded no payloads, so its byte order never matters
-            byteorder=doc.get("byteorder", sys.byteorder),
+            byteorder=doc.byteorder or sys.byteorder,
         )
+
+
+def _confine(key: str, where: str, entry: str) -> None:
+    problem = key_problem(key)
+    if problem is not None:
+        raise UnsafeManifestError(
+            f"{where} names the {entry} key {key!r}, which {problem}: a checkpoint's own files may "
+            "only name objects inside that checkpoint. It was not used; the checkpoint may have "
+            "been crafted, so do not load it from a store you do not trust."
+        )
+
+
+def _check_records(key: str, size: int | None, records: list[ItemRecord], where: str) -> None:
+    """Each payload lies inside its item, and the object's recorded size covers every item."""
+    for record in records:
+        payload = record.payload
+        if payload is not None and payload.offset + payload.length > record.length:
+            raise ManifestError(
+                f"{where}: object {key!r} records a payload [{payload.offset}, "
+                f"{payload.offset + payload.length}) outside its item of {record.length} bytes at "
+                f"offset {record.offset}"
+            )
+    end = max((r.offset + r.length for r in records), default=0)
+    if size is not None and size < end:
+        raise ManifestError(
+            f"{where}: object {key!r} is recorded as {size} bytes, but its items reach byte {end}"
+        )
+
+
+def _parse(data: bytes, where: str) -> Any:
+    """The validated document, or :class:`ManifestError` listing what is wrong with it."""
+    from pydantic import ValidationError
+
+    try:
+        return _document_type().validate_json(data)
+    except ValidationError as exc:
+        problems = [
+            f"{_location(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False, include_input=False)
+        ]
+        shown = "; ".join(problems[:_SHOWN_PROBLEMS])
+        more = f" and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+        raise ManifestError(
+            f"{where} is not a valid {FORMAT} document ({len(data)} bytes: {shown}{more})"
+        ) from None
+    except (ValueError, RecursionError, MemoryError) as exc:  # defensive: never leak these
+        raise ManifestError(f"{where} is not a valid {FORMAT} document ({type(exc).__name__})") from None
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """A field's place in the document, without pydantic's names for union members."""
+    return ".".join(str(part) for part in loc if not str(part).startswith("tuple[")) or "document"
+
+
+@cache
+def _document_type() -> Any:
+    """The manifest's schema as a pydantic type adapter (built once, on first use: pydantic
+    is imported only when a manifest is read)."""
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+    offset = Annotated[int, Field(strict=True, ge=0, lt=MAX_OFFSET)]
+    crc = Annotated[int, Field(strict=True, ge=0, lt=2**32)]
+    text = Annotated[str, Field(strict=True, max_length=4096)]
+    record = tuple[offset, offset, crc] | tuple[offset, offset, crc, offset, offset, crc]
+
+    class ObjectDoc(BaseModel):
+        model_config = ConfigDict(strict=True, extra="ignore")
+        size: offset | None = None
+        items: list[record]
+
+    class ManifestDoc(BaseModel):
+        model_config = ConfigDict(strict=True, extra="ignore")
+        format: Literal["dcp_cloud.manifest"]
+        version: Annotated[int, Field(strict=True)]
+        save_id: text
+        created: Annotated[float, Field(strict=False, allow_inf_nan=False)] = 0.0
+        torch_version: text = ""
+        dcp_cloud_version: text = ""
+        replaced: list[str] = []
+        byteorder: Literal["little", "big"] | None = None
+        objects: dict[str, ObjectDoc]
+
+    return TypeAdapter(ManifestDoc)

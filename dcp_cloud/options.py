@@ -14,6 +14,18 @@ MAX_PARTS = 10_000
 # HTTP client's included, stays under 256 MiB (measured: ~62 MiB on top of the budget).
 WRITER_MEMORY_BUDGET = 160 * MiB
 
+# Bounds on a store that does not answer. Every request is tried up to ``max_attempts`` times,
+# and a failed request is tried again only while less than RETRY_WINDOW seconds have passed
+# since its first failure, so a dead endpoint fails in about RETRY_WINDOW plus two tries
+# (under a minute with these defaults) while one that is back within the window is used again.
+#: seconds a store may take to accept a connection
+CONNECT_TIMEOUT = 10.0
+#: seconds a store may stay silent on one socket read (per read, not per request: a slow but
+#: moving transfer of a large part never hits it)
+READ_TIMEOUT = 20.0
+#: seconds after a request's first failure within which it is tried again
+RETRY_WINDOW = 20.0
+
 
 @dataclass(frozen=True)
 class TransferOptions:
@@ -33,6 +45,12 @@ class TransferOptions:
         max_attempts: tries per request, retries included, for throttling (503 SlowDown),
             5xx answers, timeouts and broken connections, with jittered exponential backoff.
         deadline: seconds one request may take, its retries included; None for no limit.
+            Without one, a store that does not answer still fails each request within
+            about ``retry_window`` seconds plus two tries of ``CONNECT_TIMEOUT`` or
+            ``READ_TIMEOUT`` (under a minute by default) with ``StoreUnavailableError``.
+        retry_window: seconds after a request's first failure within which it is tried
+            again (``max_attempts`` bounds the tries too): a store that is back within it is
+            used again, one that is not fails the request with ``StoreUnavailableError``.
     """
 
     part_size: int = 16 * MiB
@@ -42,6 +60,7 @@ class TransferOptions:
     coalesce_gap: int = 1 * MiB
     max_attempts: int = 10
     deadline: float | None = None
+    retry_window: float = RETRY_WINDOW
 
     def __post_init__(self) -> None:
         if self.part_size < MIN_PART_SIZE:
@@ -63,6 +82,8 @@ class TransferOptions:
             )
         if self.deadline is not None and self.deadline <= 0:
             raise ValueError(f"deadline must be a positive number of seconds, got {self.deadline}")
+        if self.retry_window < 0:
+            raise ValueError(f"retry_window must be >= 0 seconds, got {self.retry_window}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.coalesce_gap < 0:

@@ -8,6 +8,7 @@ import io
 import logging
 import os
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +30,13 @@ from .direct import DirectReads, tensor_memory
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    DcpCloudError,
     IncompleteCheckpointError,
+    UnsafeCheckpointError,
 )
 from .fetch import FetchRange, StoredItem, plan_fetches, split_range
 from .manifest import ItemRecord, Manifest, PayloadRecord
 from .options import MiB, TransferOptions
-from .safe_pickle import load_metadata
+from .safe_pickle import load_metadata, safe_item_bytes
 from .stats import StatsRecorder, TransferStats
 from .urls import redact_url
 
@@ -67,9 +68,20 @@ class CloudStorageReader(StoreConnection, StorageReader):
             download.
         coalesce_gap: neighbouring items closer than this many bytes are fetched together.
         max_attempts: tries per request, retries included.
+        retry_window: seconds after a request's first failure within which it is tried again
+            (default 20); see CloudStorageWriter.
         deadline: seconds one request may take, retries included (default: no limit).
         verify_checksums: check each item's CRC32C against the manifest (dcp_cloud
-            checkpoints); a mismatch raises :class:`CorruptCheckpointError`.
+            checkpoints); a mismatch raises :class:`CorruptCheckpointError`, and so does a
+            dcp_cloud checkpoint whose manifest is missing or unreadable. ``False`` loads
+            without checksums (and without the manifest when it is unusable, with a warning).
+        trust_pickles: hand non-tensor items' bytes to the load planner as they are, which
+            unpickles them with torch's ``weights_only=False``: only for checkpoints from a
+            store you trust, since a crafted item runs code. By default each item is first
+            loaded under torch's weights-only rules, and one that names any other global
+            raises :class:`UnsafeCheckpointError`.
+        safe_globals: classes and functions non-tensor items may name, on top of torch's
+            weights-only allow-list and ``torch.serialization.add_safe_globals``.
     """
 
     def __init__(
@@ -83,8 +95,11 @@ class CloudStorageReader(StoreConnection, StorageReader):
         memory_budget: int | None = None,
         coalesce_gap: int = TransferOptions.coalesce_gap,
         max_attempts: int = TransferOptions.max_attempts,
+        retry_window: float = TransferOptions.retry_window,
         deadline: float | None = TransferOptions.deadline,
         verify_checksums: bool = True,
+        trust_pickles: bool = False,
+        safe_globals: Sequence[Any] = (),
     ) -> None:
         options = TransferOptions(
             part_size=part_size,
@@ -95,16 +110,21 @@ class CloudStorageReader(StoreConnection, StorageReader):
             object_size=max(TransferOptions.object_size, part_size),  # unused on load
             coalesce_gap=coalesce_gap,
             max_attempts=max_attempts,
+            retry_window=retry_window,
             deadline=deadline,
         )
         StoreConnection.__init__(self, url, storage_options, filesystem, options)
         self.verify_checksums = verify_checksums
+        self.trust_pickles = trust_pickles
+        self.safe_globals = tuple(safe_globals)
         self.rank = 0
         self.is_coordinator = True
         self.last_stats: TransferStats | None = None
         self.storage_data: dict[Any, Any] = {}
         self._manifest: Manifest | None = None
         self._metadata: Metadata | None = None
+        #: why ``.metadata`` could not be read, other than its absence
+        self._metadata_error: BaseException | None = None
 
     def __repr__(self) -> str:
         return f"CloudStorageReader({redact_url(self.url)!r})"
@@ -116,18 +136,38 @@ class CloudStorageReader(StoreConnection, StorageReader):
         self.storage_data = {}
         self._manifest = None
         self._metadata = None
+        self._metadata_error = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
+        failed = self._metadata_error
+        if rank is not None and failed is not None and not isinstance(failed, CheckpointNotFoundError):
+            # torch retries a failed read_metadata() as read_metadata(rank=r), for checkpoints
+            # saved with use_collectives=False; that is only worth it when .metadata is absent,
+            # not when the store failed (it would wait on a dead store twice) or it was bad.
+            raise failed
+        if rank is None:
+            self._metadata_error = None
         key = layout.metadata_key(rank)
         store = self.store
         try:
-            data = store.run(store.get(key))
-        except FileNotFoundError:
-            raise self._missing_error(key) from None
-        metadata = load_metadata(data, f"{store.url}/{key}")
-        self._manifest = self._read_manifest(metadata)
+            try:
+                data = store.run(store.get(key))
+            except FileNotFoundError:
+                raise self._missing_error(key) from None
+            metadata = load_metadata(data, f"{store.url}/{key}")
+            self._manifest = self._read_manifest(metadata)
+        except BaseException as exc:
+            if rank is None:
+                self._metadata_error = exc
+            raise
         return metadata
+
+    @property
+    def metadata_error(self) -> BaseException | None:
+        """Why the last ``read_metadata()`` failed, if it did. ``dcp.load`` reports such a
+        failure as an ``AssertionError`` that only quotes it; this is the error itself."""
+        return self._metadata_error
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -151,14 +191,22 @@ class CloudStorageReader(StoreConnection, StorageReader):
         opts = self.options
         # payloads of half a part or more are worth a request of their own
         direct = DirectReads(self._manifest, self._metadata, opts.part_size // 2)
-        ranges = plan_fetches(
-            plan.items,
-            self.storage_data,
-            opts.part_size,
-            opts.coalesce_gap,
-            keep_apart=lambda key, item: direct.payload(key, item) is not None,
-        )
+        try:
+            ranges = plan_fetches(
+                plan.items,
+                self.storage_data,
+                opts.part_size,
+                opts.coalesce_gap,
+                keep_apart=lambda key, item: direct.payload(key, item) is not None,
+            )
+        except KeyError as exc:
+            raise CorruptCheckpointError(
+                f"{store.url}/{layout.METADATA_KEY} describes {exc.args[0]} but does not say where "
+                "its bytes are stored (no storage_data entry). The checkpoint is damaged; load an "
+                "earlier one."
+            ) from None
         records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
+        self._check_large_ranges(ranges, direct)
         budget = ByteBudget(opts.memory_budget)
         buffers = ReadBuffers(granule=MiB, limit=opts.memory_budget)
         waiting = deque((fetch, self._direct_route(fetch, direct, planner)) for fetch in ranges)
@@ -220,6 +268,26 @@ class CloudStorageReader(StoreConnection, StorageReader):
         target = direct.destination(fetch.items[0].requests[0], planner)
         return None if target is None else _DirectRoute(payload, target)
 
+    def _check_large_ranges(self, ranges: list[FetchRange], direct: DirectReads) -> None:
+        """Each range too large for the memory budget ends inside its object.
+
+        Such a range gets a fetch buffer of its own whatever the budget, so a ``.metadata``
+        claiming a huge item in a small object would otherwise have this process map that many
+        bytes before the read finds the object short. One byte at the range's end is read first.
+        """
+        for fetch in ranges:
+            if fetch.size <= self.options.memory_budget:
+                continue
+            if len(fetch.items) == 1 and direct.payload(fetch.key, fetch.items[0]) is not None:
+                continue  # read straight into its destination tensor, which holds its size
+            self._fetched(fetch, self.store.submit(self._probe_end(fetch)))
+
+    async def _probe_end(self, fetch: FetchRange) -> memoryview:
+        data = await self.store.get_range(fetch.key, fetch.end - 1, fetch.end)
+        if len(data) != 1:
+            raise _ShortRead(0, fetch.size)
+        return memoryview(data)
+
     def _held_bytes(self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers) -> int:
         """Memory a range holds while in flight, counted against the budget: its fetch buffer;
         for a direct read nothing, except on stores whose client library buffers downloads
@@ -272,12 +340,6 @@ class CloudStorageReader(StoreConnection, StorageReader):
             ) from exc
         except _ShortRead as exc:
             raise self._truncated(where, fetch, exc.got, exc.wanted) from None
-        except DcpCloudError:
-            raise
-        except OSError as exc:
-            if "range" in str(exc).lower():  # HTTP 416: the range starts past the object's end
-                raise self._truncated(where, fetch, 0, fetch.size) from exc
-            raise
 
     @staticmethod
     def _truncated(where: str, fetch: FetchRange, got: int, wanted: int) -> CorruptCheckpointError:
@@ -320,9 +382,14 @@ class CloudStorageReader(StoreConnection, StorageReader):
                     "(verify_checksums=False skips this check)."
                 )
             first = item.requests[0]
+            if any(r.type != first.type for r in item.requests):
+                raise CorruptCheckpointError(
+                    f"{self.store.url}/{layout.METADATA_KEY} places both tensors and non-tensor "
+                    f"values at bytes [{item.offset}, {item.offset + item.length}) of {fetch.key!r} "
+                    f"({_names([item])}). The checkpoint is damaged or crafted; load an earlier one."
+                )
             if first.type == LoadItemType.BYTE_IO:
-                for request in item.requests:
-                    planner.load_bytes(request, io.BytesIO(item_view))
+                self._load_bytes(fetch.key, item, item_view, planner)
                 continue
             try:
                 # the manifest's payload record spares parsing the archive (hundreds of tiny
@@ -336,34 +403,96 @@ class CloudStorageReader(StoreConnection, StorageReader):
                     f"{item.offset + item.length}) holding {_names([item])} "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
+            self._check_stored_tensor(fetch.key, item, tensor, direct)
             for request in item.requests:
-                source = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
-                target = planner.resolve_tensor(request).detach()
-                if target.size() != source.size():
-                    raise ValueError(
-                        f"size mismatch for {request.dest_index.fqn}: the checkpoint has "
-                        f"{tuple(source.size())}, the state dict expects {tuple(target.size())}"
-                    )
-                target.copy_(source)
-                planner.commit_tensor(request, target)
+                self._copy_tensor(fetch.key, item, tensor, request, planner)
+
+    def _check_stored_tensor(
+        self, key: str, item: StoredItem, tensor: torch.Tensor, direct: DirectReads
+    ) -> None:
+        """The decoded tensor is the chunk ``.metadata`` describes: its dtype and shape."""
+        for request in item.requests:
+            chunk = direct.stored_chunk(request)
+            dtype = direct.stored_dtype(request)
+            shape = tuple(chunk.sizes) if chunk is not None else None
+            if (dtype is not None and tensor.dtype != dtype) or (
+                shape is not None and tuple(tensor.size()) != shape
+            ):
+                raise CorruptCheckpointError(
+                    f"{self.store.url}/{key}: bytes [{item.offset}, {item.offset + item.length}) "
+                    f"hold a {tensor.dtype} tensor of shape {tuple(tensor.size())}, but .metadata "
+                    f"describes {request.storage_index.fqn!r} there as {dtype} of shape {shape}. "
+                    "The checkpoint is damaged; load an earlier one."
+                )
+
+    def _copy_tensor(
+        self, key: str, item: StoredItem, tensor: torch.Tensor, request: Any, planner: LoadPlanner
+    ) -> None:
+        """Copy the requested box of a decoded stored tensor into the planner's tensor."""
+        try:
+            source = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise CorruptCheckpointError(
+                f"{self.store.url}/{key}: bytes [{item.offset}, {item.offset + item.length}) hold a "
+                f"tensor of shape {tuple(tensor.size())}, which lacks the chunk .metadata describes "
+                f"for {request.storage_index.fqn} ({exc}). The checkpoint is damaged; load an "
+                "earlier one."
+            ) from None
+        target = planner.resolve_tensor(request).detach()
+        if target.size() != source.size():
+            raise ValueError(
+                f"size mismatch for {request.dest_index.fqn}: the checkpoint has "
+                f"{tuple(source.size())}, the state dict expects {tuple(target.size())}"
+            )
+        target.copy_(source)
+        planner.commit_tensor(request, target)
+
+    def _load_bytes(self, key: str, item: StoredItem, item_view: memoryview, planner: LoadPlanner) -> None:
+        """Hand a non-tensor item to the planner: as stored when pickles are trusted, else
+        as a fresh archive of what torch's weights-only rules let through."""
+        if self.trust_pickles:
+            for request in item.requests:
+                planner.load_bytes(request, io.BytesIO(item_view))
+            return
+        where = f"{self.store.url}/{key}"
+        safe = safe_item_bytes(item_view, _names([item]), where, self.safe_globals).getvalue()
+        for request in item.requests:
+            planner.load_bytes(request, io.BytesIO(safe))
 
     # -- metadata ------------------------------------------------------------------------------
 
     def _read_manifest(self, metadata: Metadata) -> Manifest | None:
+        """The manifest of a checkpoint written by dcp_cloud, checked against ``.metadata``;
+        None for other checkpoints. A missing, unreadable or disagreeing manifest raises
+        :class:`CorruptCheckpointError`, or with ``verify_checksums=False`` is skipped with a
+        warning."""
         save_id = getattr(metadata.storage_meta, "save_id", None)
         infos = (metadata.storage_data or {}).values()
-        if not save_id or not any(
-            layout.save_id_of_key(getattr(i, "relative_path", "")) == save_id for i in infos
-        ):
+        if not save_id or not any(layout.save_id_of_key(i.relative_path) == save_id for i in infos):
             return None  # not written by dcp_cloud: no manifest to check against
         store = self.store
         key = layout.manifest_key(save_id)
+        where = f"{store.url}/{key}"
         try:
-            return Manifest.from_json(store.run(store.get(key)))
+            manifest = Manifest.from_json(store.run(store.get(key)), where, save_id)
+            _check_agreement(manifest, metadata, where)
+            return manifest
         except FileNotFoundError:
-            logger.warning("%s/%s is missing; loading without checksums", store.url, key)
-        except ValueError as exc:
-            logger.warning("%s/%s is unreadable (%s); loading without checksums", store.url, key, exc)
+            problem = f"{where} is missing"
+        except UnsafeCheckpointError as exc:
+            # a crafted manifest: refused as it is, with no advice to check less
+            if self.verify_checksums:
+                raise
+            problem = str(exc).rstrip(".")
+        except CorruptCheckpointError as exc:
+            problem = str(exc).rstrip(".")
+        if self.verify_checksums:
+            raise CorruptCheckpointError(
+                f"{problem}. Without its manifest the checkpoint's checksums cannot be checked, "
+                "so it was not loaded. To load it anyway, unchecked: "
+                "CloudStorageReader(..., verify_checksums=False)."
+            )
+        logger.warning("%s; loading without checksums (verify_checksums=False)", problem)
         return None
 
     def _missing_error(self, key: str) -> CheckpointNotFoundError:
@@ -384,6 +513,18 @@ class CloudStorageReader(StoreConnection, StorageReader):
         return CheckpointNotFoundError(
             f"{store.url}: no checkpoint here (no .metadata). Check the URL, or save first."
         )
+
+
+def _check_agreement(manifest: Manifest, metadata: Metadata, where: str) -> None:
+    """Every item ``.metadata`` locates is recorded in the manifest with the same length."""
+    records = manifest.item_index()
+    for index, info in (metadata.storage_data or {}).items():
+        record = records.get((info.relative_path, info.offset))
+        if record is None or record.length != info.length:
+            raise CorruptCheckpointError(
+                f"{where} does not record bytes [{info.offset}, {info.offset + info.length}) of "
+                f"{info.relative_path!r}, where .metadata places {index.fqn!r}"
+            )
 
 
 @dataclass

@@ -1,19 +1,34 @@
-"""Loading ``.metadata`` without trusting it.
+"""Reading a checkpoint's pickles without trusting them.
 
 ``.metadata`` is a pickle, and unpickling runs whatever callables the pickle names. A checkpoint
 from a bucket someone else can write to must not be able to run code here, so this unpickler
 admits only DCP's metadata classes, torch's dtype/layout/size objects, paths and plain
-containers, and refuses anything else with :class:`UnsafeCheckpointError`.
+containers, and refuses anything else with :class:`UnsafeCheckpointError`. What it returns is
+then checked field by field (types, ranges, every locator confined to the checkpoint), so a
+pickle made only of allowed classes cannot point a load anywhere else either.
+
+Non-tensor items (DCP's BYTE_IO) are ``torch.save`` archives that torch's load planner unpickles
+with ``weights_only=False``. :func:`safe_item_bytes` loads them under torch's weights-only rules
+first and hands the planner a fresh archive of what that produced, so the planner never
+unpickles bytes from the checkpoint itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import pickle
-from typing import Any
+import re
+import warnings
+from collections.abc import Sequence
+from typing import IO, Any, TypeGuard, cast
 
 import torch
 
+from .buffers import ViewReader
+from .confine import key_problem
+from .decode import ArchiveError, allocating_global, archive_pickle, check_archive_size, check_storages
 from .errors import CorruptCheckpointError, UnsafeCheckpointError
 
 _ALLOWED: dict[str, frozenset[str]] = {
@@ -78,4 +93,262 @@ def load_metadata(data: bytes, where: str) -> Any:
         raise CorruptCheckpointError(
             f"{where} holds a {type(obj).__name__}, not DCP Metadata; is this a DCP checkpoint?"
         )
+    _MetadataCheck(where).check(obj)
     return obj
+
+
+#: offsets, lengths and byte counts are below this (torch's own limit is int64)
+_LIMIT = 2**63
+#: list indices in planner_data may exceed the number of values by this much
+_INDEX_SLACK = 2**16
+#: the deepest planner_data path accepted
+_MAX_DEPTH = 256
+
+
+class _MetadataCheck:
+    """Checks every field of an unpickled ``Metadata`` that a load or a tool relies on."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.where} is malformed: {what}. The checkpoint is damaged or was not written by "
+            "torch.distributed.checkpoint; load an earlier one."
+        )
+
+    def check(self, metadata: Any) -> None:
+        entries = getattr(metadata, "state_dict_metadata", None)
+        if not isinstance(entries, dict):
+            raise self.fail(f"state_dict_metadata is a {type(entries).__name__}, not a dict")
+        for fqn, entry in entries.items():
+            self.entry(fqn, entry)
+        self.storage_data(getattr(metadata, "storage_data", None))
+        self.planner_data(getattr(metadata, "planner_data", None), len(entries))
+        self.storage_meta(getattr(metadata, "storage_meta", None))
+        version = getattr(metadata, "version", None)
+        if version is not None and not isinstance(version, str):
+            raise self.fail(f"version is a {type(version).__name__}, not a string")
+
+    def entry(self, fqn: Any, entry: Any) -> None:
+        from torch.distributed.checkpoint.metadata import (
+            BytesStorageMetadata,
+            TensorProperties,
+            TensorStorageMetadata,
+        )
+
+        if not isinstance(fqn, str):
+            raise self.fail(f"a state dict key is a {type(fqn).__name__}, not a string")
+        if isinstance(entry, BytesStorageMetadata):
+            return
+        if not isinstance(entry, TensorStorageMetadata):
+            raise self.fail(f"{fqn!r} is described by a {type(entry).__name__}")
+        properties = getattr(entry, "properties", None)
+        dtype = getattr(properties, "dtype", None)
+        if not isinstance(properties, TensorProperties) or not isinstance(dtype, torch.dtype):
+            raise self.fail(f"{fqn!r} has no valid tensor properties (dtype)")
+        size = self.shape(getattr(entry, "size", None), f"{fqn!r} size")
+        if math.prod(size) * dtype.itemsize >= _LIMIT:
+            raise self.fail(f"{fqn!r} has an impossible size {size}")
+        chunks = getattr(entry, "chunks", None)
+        if not isinstance(chunks, list):
+            raise self.fail(f"{fqn!r} chunks is a {type(chunks).__name__}, not a list")
+        for chunk in chunks:
+            self.chunk(fqn, size, chunk)
+
+    def chunk(self, fqn: str, size: tuple[int, ...], chunk: Any) -> None:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        if not isinstance(chunk, ChunkStorageMetadata):
+            raise self.fail(f"a chunk of {fqn!r} is a {type(chunk).__name__}")
+        offsets = self.shape(getattr(chunk, "offsets", None), f"a chunk offset of {fqn!r}")
+        sizes = self.shape(getattr(chunk, "sizes", None), f"a chunk size of {fqn!r}")
+        if len(offsets) != len(size) or len(sizes) != len(size):
+            raise self.fail(f"a chunk of {fqn!r} has {len(sizes)} dimensions, the tensor {len(size)}")
+        if any(o + n > d for o, n, d in zip(offsets, sizes, size)):
+            raise self.fail(f"a chunk of {fqn!r} at {offsets} of {sizes} lies outside its tensor {size}")
+
+    def shape(self, value: Any, what: str) -> tuple[int, ...]:
+        if not isinstance(value, (tuple, list)) or len(value) > 64:
+            raise self.fail(f"{what} is not a shape")
+        if not all(_is_offset(n) for n in value):
+            raise self.fail(f"{what} {tuple(value)!r} holds something other than non-negative integers")
+        return tuple(value)
+
+    def storage_data(self, data: Any) -> None:
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        if data is None:
+            return  # torch's default; a load then says there is nothing to read
+        if not isinstance(data, dict):
+            raise self.fail(f"storage_data is a {type(data).__name__}, not a dict")
+        for index, info in data.items():
+            if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str):
+                raise self.fail(f"a storage_data key is a {type(index).__name__}, not a MetadataIndex")
+            if not isinstance(info, _StorageInfo):
+                raise self.fail(f"the locator of {index.fqn!r} is a {type(info).__name__}")
+            path = getattr(info, "relative_path", None)
+            problem = key_problem(path)
+            if problem is not None:
+                raise UnsafeCheckpointError(
+                    f"{self.where} locates {index.fqn!r} at {path!r}, which {problem}: a "
+                    "checkpoint's own files may only name objects inside that checkpoint. It was "
+                    "not used; the checkpoint may have been crafted, so do not load it from a "
+                    "store you do not trust."
+                )
+            offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+            if not _is_offset(offset) or not _is_offset(length) or offset + length >= _LIMIT:
+                raise self.fail(f"the locator of {index.fqn!r} has offset {offset!r}, length {length!r}")
+            transforms = getattr(info, "transform_descriptors", None)
+            if transforms is not None and not (
+                isinstance(transforms, (list, tuple)) and all(isinstance(t, str) for t in transforms)
+            ):
+                raise self.fail(f"the locator of {index.fqn!r} has malformed transform descriptors")
+
+    def planner_data(self, data: Any, entries: int) -> None:
+        """Each entry is a path of dict keys and list indices where torch's planners put the
+        value back into a nested state dict. torch grows a list one element at a time up to
+        an index, so indices are bounded by what a state dict of ``entries`` values can hold
+        (plus slack for empty containers), and paths by a depth no state dict nears."""
+        if data is None:
+            return
+        if not isinstance(data, dict):
+            raise self.fail(f"planner_data is a {type(data).__name__}, not a dict")
+        max_index = entries + _INDEX_SLACK
+        for fqn, path in data.items():
+            if (
+                not isinstance(fqn, str)
+                or not isinstance(path, (tuple, list))
+                or not 0 < len(path) <= _MAX_DEPTH
+                or not all(isinstance(p, str) or (_is_offset(p) and p < max_index) for p in path)
+            ):
+                raise self.fail(
+                    f"planner_data of {fqn!r} is not a path of at most {_MAX_DEPTH} keys and "
+                    f"indices below {max_index}"
+                )
+
+    def storage_meta(self, meta: Any) -> None:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if meta is None:
+            return
+        if not isinstance(meta, StorageMeta):
+            raise self.fail(f"storage_meta is a {type(meta).__name__}, not a StorageMeta")
+        for name in ("save_id", "load_id"):
+            value = getattr(meta, name, None)
+            if value is not None and not isinstance(value, str):
+                raise self.fail(f"storage_meta.{name} is a {type(value).__name__}, not a string")
+
+
+def _is_offset(value: Any) -> TypeGuard[int]:
+    """A non-negative int below 2**63 (bools are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _LIMIT
+
+
+# -- non-tensor items -----------------------------------------------------------------------------
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.<>]+)")
+
+
+def safe_item_bytes(
+    data: bytes | memoryview, fqn: str, where: str, safe_globals: Sequence[Any] = ()
+) -> io.BytesIO:
+    """A ``torch.save`` archive of the non-tensor item ``fqn`` stored in ``data``, safe to unpickle.
+
+    ``data`` is loaded with ``torch.load(weights_only=True)`` (torch's allow-list, what
+    ``torch.serialization.add_safe_globals`` added, and ``safe_globals``), and what that produced
+    is saved again: the archive returned holds only objects the allow-list admitted, whatever
+    parser tricks ``data`` plays.
+
+    Raises:
+        UnsafeCheckpointError: ``data`` names a global outside the allow-list, or is not an
+            archive the weights-only loader can read.
+    """
+    allowed = (
+        contextlib.nullcontext() if not safe_globals else torch.serialization.safe_globals(list(safe_globals))
+    )
+    out = io.BytesIO()
+    try:
+        check_archive_size(data)
+        _check_allocating_globals(archive_pickle(data), safe_globals, fqn, where)
+        with allowed, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            value = torch.load(cast(IO[bytes], ViewReader(data)), weights_only=True)
+        check_storages(value, data)
+        # a value the weights-only loader built can still be too deep to pickle again
+        torch.save(value, out)
+    except UnsafeCheckpointError:
+        raise
+    except ArchiveError as exc:
+        raise _unreadable_item(fqn, where, exc) from None
+    except pickle.UnpicklingError as exc:
+        raise _unsafe_item(fqn, where, str(exc)) from None
+    except Exception as exc:
+        raise _unreadable_item(fqn, where, exc) from None
+    out.seek(0)
+    return out
+
+
+def _unreadable_item(fqn: str, where: str, exc: Exception) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{where}: the non-tensor item {fqn!r} is not a torch.save archive that torch's "
+        f"weights-only loader can read ({type(exc).__name__}: {_first_line(str(exc))}), so it "
+        "was not unpickled. If you trust this checkpoint and its store, load it with "
+        "CloudStorageReader(..., trust_pickles=True)."
+    )
+
+
+def _global_names(values: Sequence[Any]) -> set[str]:
+    """``module.name`` of each object in an allow-list (entries may be ``(object, name)``)."""
+    names = set()
+    for value in values:
+        if isinstance(value, tuple):
+            names.add(str(value[1]))
+            value = value[0]
+        names.add(f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', '')}")
+    return names
+
+
+def _check_allocating_globals(pickled: bytes, safe_globals: Sequence[Any], fqn: str, where: str) -> None:
+    """Refuse a pickle naming a global that can allocate memory at will (see
+    :func:`dcp_cloud.decode.allocating_global`) unless the user allowed it."""
+    allowed = _global_names([*safe_globals, *torch.serialization.get_safe_globals()])
+    try:
+        full = allocating_global(pickled, allowed)
+    except ValueError as exc:
+        raise pickle.UnpicklingError(f"malformed data.pkl ({exc})") from None
+    if full is not None:
+        short = full.removeprefix("builtins.")
+        raise UnsafeCheckpointError(
+            f"{where}: the non-tensor item {fqn!r} names {full}, which a crafted pickle can "
+            "call to allocate any amount of memory, so it was not unpickled. If the item "
+            f"is meant to hold one, allow it: CloudStorageReader(..., safe_globals=[{short}]) "
+            "or torch.serialization.add_safe_globals; or, only for a checkpoint and store "
+            "you trust, CloudStorageReader(..., trust_pickles=True)."
+        )
+
+
+def _unsafe_item(fqn: str, where: str, message: str) -> UnsafeCheckpointError:
+    found = _REFUSED_GLOBAL.search(message)
+    what = (
+        f"the global {found.group(1)}"
+        if found
+        else f"what weights-only rules refuse ({_first_line(message)})"
+    )
+    name = found.group(1) if found else "<the class>"
+    return UnsafeCheckpointError(
+        f"{where}: the non-tensor item {fqn!r} names {what}, which is not on the allow-list of "
+        "torch's weights-only unpickler; it was not unpickled (a crafted checkpoint can run code "
+        "this way). To allow it: torch.serialization.add_safe_globals([" + name + "]), or "
+        "CloudStorageReader(..., safe_globals=[" + name + "]); or, only for a checkpoint and "
+        "store you trust, CloudStorageReader(..., trust_pickles=True)."
+    )
+
+
+def _first_line(text: str) -> str:
+    """The reason in one of torch's multi-paragraph load errors: the first line of what follows
+    "WeightsUnpickler error:", else the first line."""
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (reason if marker else text).splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""

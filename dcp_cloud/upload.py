@@ -23,6 +23,7 @@ from .errors import DcpCloudError, UploadError
 from .manifest import PayloadRecord
 from .store import MultipartUpload, ObjectStore
 from .store.base import WritesInPlace
+from .urls import scrub_text
 
 
 class ObjectUpload:
@@ -160,7 +161,9 @@ class ObjectUpload:
     def _error(self, exc: BaseException) -> Exception:
         if isinstance(exc, DcpCloudError):  # already says what is wrong (missing bucket, access)
             return exc
-        error = UploadError(f"{self.store.url}: uploading {self.key} failed: {type(exc).__name__}: {exc}")
+        # a client library's text may hold request URLs with signatures, or user-info
+        detail = scrub_text(f"{type(exc).__name__}: {exc}")
+        error = UploadError(f"{self.store.url}: uploading {self.key} failed: {detail}")
         error.__cause__ = exc
         return error
 

@@ -5,6 +5,8 @@
 - every data object that ``.metadata`` points to exists, with the size the manifest recorded
   (without a manifest: large enough for every item ``.metadata`` places in it);
 - every item ``.metadata`` locates is recorded in the manifest with the same length;
+- a checkpoint written by dcp_cloud has a valid manifest (a missing or unreadable one is a
+  problem: its checksums cannot be checked);
 - every item's CRC32C matches the manifest, reading the objects with concurrent ranged GETs of
   at most ``part_size`` bytes (at most ``max_concurrency * part_size`` bytes are held at once).
 
@@ -25,6 +27,7 @@ from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.metadata import Metadata
 
 from . import layout
+from .errors import CorruptCheckpointError
 from .info import read_metadata
 from .manifest import ItemRecord, Manifest
 from .options import MiB
@@ -35,6 +38,7 @@ SIZE = "size"
 CHECKSUM = "checksum"
 UNRECORDED = "unrecorded"
 UNREADABLE = "unreadable"
+MANIFEST = "manifest"
 
 
 @dataclass(frozen=True)
@@ -130,14 +134,22 @@ def _read_manifest(
         )
         return None
     key = layout.manifest_key(save_id)
+    where = f"{store.url}/{key}"
     try:
-        return Manifest.from_json(store.run(store.get(key)))
+        return Manifest.from_json(store.run(store.get(key)), where, save_id)
     except FileNotFoundError:
-        report.warnings.append(
-            f"{store.url}/{key} is missing: checked existence and sizes only, no checksums"
+        problem = f"{where} is missing"
+    except CorruptCheckpointError as exc:
+        problem = str(exc).rstrip(".")
+    report.problems.append(
+        Problem(
+            key,
+            MANIFEST,
+            f"{problem}: this checkpoint was written by dcp_cloud, but without its manifest no "
+            "checksums can be checked (existence and sizes were). Load it only if you accept "
+            "that: CloudStorageReader(..., verify_checksums=False).",
         )
-    except ValueError as exc:
-        report.warnings.append(f"{store.url}/{key} is unreadable ({exc}): no checksums checked")
+    )
     return None
 
 

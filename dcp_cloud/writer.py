@@ -10,6 +10,8 @@ import itertools
 import logging
 import os
 import pickle
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -25,10 +27,12 @@ from torch.futures import Future
 from . import layout
 from ._version import __version__
 from .buffers import BufferPool
+from .confine import is_confined
 from .connection import StoreConnection
 from .errors import CheckpointExistsError, DcpCloudError
 from .manifest import ItemRecord, Manifest, PayloadRecord
 from .options import WRITER_MEMORY_BUDGET, TransferOptions
+from .ownership import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS, Heartbeat, Intent, read_save
 from .safe_pickle import load_metadata
 from .stats import StatsRecorder, TransferStats
 from .upload import ObjectUpload
@@ -65,16 +69,30 @@ class _WrittenItem:
 
 
 def _keys_of(metadata: Metadata) -> set[str]:
-    """Every object a committed checkpoint needs: its data objects, and its manifest."""
-    keys = {
-        info.relative_path
-        for info in (metadata.storage_data or {}).values()
-        if isinstance(getattr(info, "relative_path", None), str)
-    }
+    """Every object a committed checkpoint needs (its data objects, and its save's records),
+    among the keys that lie inside the checkpoint (a crafted locator is never recorded)."""
+    keys: set[str] = set()
+    for info in (metadata.storage_data or {}).values():
+        path = getattr(info, "relative_path", None)
+        if isinstance(path, str) and is_confined(path):
+            keys.add(path)
     save_id = getattr(metadata.storage_meta, "save_id", None)
-    if save_id and any(layout.save_id_of_key(k) == save_id for k in keys):
+    if isinstance(save_id, str) and any(layout.save_id_of_key(k) == save_id for k in keys):
         keys.add(layout.manifest_key(save_id))
+        keys.add(layout.intent_key(save_id))
     return keys
+
+
+class _Lease:
+    """The writer's current save lease; stopped when the writer is garbage collected."""
+
+    def __init__(self) -> None:
+        self.heartbeat: Heartbeat | None = None
+
+    def stop(self, wait: float = 0.0) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop(wait)
+            self.heartbeat = None
 
 
 def _estimated_size(item: WriteItem) -> int:
@@ -169,8 +187,11 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         object_size: a rank starts a new data object past this many bytes (default 128 MiB, or
             one part if parts are larger; on GCS one part, where an object of several parts
             costs an upload and a delete per part plus a compose).
-        max_attempts: tries per request, retries included (throttling, 5xx, broken
-            connections), with jittered exponential backoff.
+        max_attempts: tries per request, retries included (throttling, 5xx, refused or timed-out
+            connections, bodies cut off midway), with jittered exponential backoff.
+        retry_window: seconds after a request's first failure within which it is tried again
+            (default 20): with the default timeouts a dead endpoint fails within about a minute
+            with :class:`StoreUnavailableError`. Raise it to ride out longer outages.
         deadline: seconds one request may take, retries included (default: no limit).
         overwrite: when False, saving where a checkpoint is already committed raises
             :class:`CheckpointExistsError` (checked before uploading, and enforced at the
@@ -179,6 +200,14 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             high request rates: a callable ``rank -> "prefix/"``, such as
             :class:`dcp_cloud.HashPrefix` or :class:`dcp_cloud.ReversedRankPrefix`. Only the
             coordinator's is used. Default: all ranks under ``<save_id>/``.
+        lease_seconds: how long gc must leave a save alone past its last heartbeat. Before
+            any rank writes data the coordinator records the save's keys and this lease in
+            ``<save_id>/intent.json`` and renews it every third of the lease until the save
+            ends; a save that dies is collectable this long after. Default 600 s, at most
+            7 days. When another rank's error ends a save, DCP never calls this writer's
+            ``finish``: the coordinator renews until the writer is reset for its next save or
+            garbage collected (its daemon thread never keeps the process alive), and the lease
+            runs out this long after.
     """
 
     def __init__(
@@ -192,10 +221,17 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         memory_budget: int | None = None,
         object_size: int | None = None,
         max_attempts: int = TransferOptions.max_attempts,
+        retry_window: float = TransferOptions.retry_window,
         deadline: float | None = TransferOptions.deadline,
         overwrite: bool = True,
         key_prefix: Callable[[int], str] | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> None:
+        if not 0 < lease_seconds <= MAX_LEASE_SECONDS:
+            raise ValueError(
+                f"lease_seconds must be more than 0 and at most {MAX_LEASE_SECONDS:g} seconds, "
+                f"got {lease_seconds!r}"
+            )
         options = TransferOptions(
             part_size=part_size,
             max_concurrency=max_concurrency,
@@ -206,6 +242,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             if object_size is not None
             else max(TransferOptions.object_size, part_size),
             max_attempts=max_attempts,
+            retry_window=retry_window,
             deadline=deadline,
         )
         StoreConnection.__init__(self, url, storage_options, filesystem, options)
@@ -219,6 +256,9 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         self.last_stats: TransferStats | None = None
         self._recorder: StatsRecorder | None = None
         self._active: _SavePrefix | None = None
+        self.lease_seconds = float(lease_seconds)
+        self._lease: _Lease | None = None
+        self._lease_ranks = 0
 
     @property
     def object_size(self) -> int:
@@ -234,11 +274,13 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_recorder"] = None
+        state["_lease"] = None
         return state
 
     # -- StorageWriter -------------------------------------------------------------------------
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        self._end_lease()
         self._set_url(checkpoint_id)
         self.save_id = layout.new_save_id()
 
@@ -263,6 +305,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             rank = index if self.use_collectives else self.rank
             file_prefix = layout.rank_file_prefix(rank, self.key_prefix)
             out.append(dataclasses.replace(plan, storage_data=_SavePrefix(self.save_id, file_prefix)))
+        self._lease_ranks = len(out)
+        self._begin_lease([p.storage_data.file_prefix for p in out])
         return out
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -275,7 +319,11 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         self._active = prefix
         if self._recorder is None:
             self._recorder = StatsRecorder("save", self.store.url, self.store.counter)
-        results = self._upload_items(plan.items, planner, prefix)
+        try:
+            results = self._upload_items(plan.items, planner, prefix)
+        except BaseException:
+            self._abandon_lease(prefix.save_id)
+            raise
         stats = self._recorder.stats
         stats.items = len(results)
         stats.bytes = sum(r.size_in_bytes for r in results)
@@ -288,6 +336,12 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         return future
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        try:
+            self._finish(metadata, results)
+        finally:
+            self._end_lease()
+
+    def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         prefix = self._active
         if prefix is None:
             raise DcpCloudError("finish() was called before write_data()")
@@ -325,6 +379,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             # Another writer committed first: its checkpoint stands, ours goes.
             self._discard(manifest)
             raise self._exists_error(key) from None
+        # Committed: from here on, failures are only logged.
+        self._release_intent(prefix.save_id)
         if previous is not None:
             self._delete_generation_before(previous, metadata)
 
@@ -335,6 +391,51 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         self.last_stats = recorder.finish()
         self._recorder = None
         logger.info("%s", self.last_stats.summary())
+
+    # -- the save's lease ----------------------------------------------------------------------
+
+    def _begin_lease(self, file_prefixes: list[str]) -> None:
+        """Record this save's keys and lease (one PUT, before any rank writes data) and keep
+        the lease alive until the save ends."""
+        self._end_lease()
+        now = time.time()
+        intent = Intent(self.save_id, tuple(file_prefixes), now, now, self.lease_seconds)
+        key = layout.intent_key(self.save_id)
+        self.store.run(self.store.put(key, intent.to_json()))
+        if self._lease is None:
+            self._lease = _Lease()
+            weakref.finalize(self, self._lease.stop)
+        self._lease.heartbeat = Heartbeat(self.store, key, intent)
+
+    def _abandon_lease(self, save_id: str) -> None:
+        """This rank's writes failed (and removed what they had completed). A save of one rank
+        has nothing left to prove, so its intent goes too; with more ranks, others may still be
+        writing under the save id, so the record stays (and expires) for gc."""
+        if self._lease is None or self._lease.heartbeat is None:
+            return  # not the coordinator of this save
+        self._end_lease()
+        if self._lease_ranks == 1:
+            try:
+                self.store.run(self.store.delete([layout.intent_key(save_id)]))
+            except Exception:  # the record expires; gc removes it
+                pass
+
+    def _end_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.stop(wait=5.0)
+
+    def _release_intent(self, save_id: str) -> None:
+        """After the commit: the committed ``.metadata`` and the manifest now speak for the save."""
+        self._end_lease()
+        try:
+            self.store.run(self.store.delete([layout.intent_key(save_id)]))
+        except Exception as exc:
+            logger.warning(
+                "%s: the checkpoint is committed, but removing its intent record failed (%s); "
+                "it expires on its own",
+                self.store.url,
+                exc,
+            )
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -468,13 +569,16 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             return None
         try:
             return load_metadata(data, f"{store.url}/{key}")
-        except DcpCloudError as exc:
+        except Exception as exc:  # unreadable or crafted: replaced, but never cleaned up after
             logger.warning("not cleaning up after the replaced checkpoint: %s", exc)
             return None
 
     def _discard(self, manifest: Manifest) -> None:
         """Delete this save's objects after it lost the commit (best effort; gc finds the rest)."""
-        keys = sorted(manifest.objects) + [layout.manifest_key(manifest.save_id)]
+        keys = sorted(manifest.objects) + [
+            layout.manifest_key(manifest.save_id),
+            layout.intent_key(manifest.save_id),
+        ]
         try:
             self.store.run(self.store.delete(keys))
         except Exception as exc:
@@ -483,31 +587,50 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             )
 
     def _delete_generation_before(self, previous: Metadata, current: Metadata) -> None:
-        """Delete what the replaced checkpoint had itself replaced.
+        """Delete what the replaced checkpoint had itself replaced; never raises.
 
         The checkpoint just replaced stays whole, so a load that read its ``.metadata`` before
-        this commit still finishes with that version; the one before it goes now. Failures
-        only leave debris that gc removes.
+        this commit still finishes with that version; the one before it goes now, but only the
+        objects its own save records prove dcp_cloud wrote and neither ``.metadata`` names.
+        Anything else (a garbled or crafted manifest, a failed request) is logged and left for
+        gc.
         """
-        previous_id = getattr(previous.storage_meta, "save_id", None)
-        if not previous_id:
-            return
         try:
-            data = self.store.run(self.store.get(layout.manifest_key(previous_id)))
-            previous_manifest = Manifest.from_json(data)
-        except (FileNotFoundError, ValueError):
-            return  # not written by dcp_cloud: nothing recorded about what it replaced
-        keep = _keys_of(current) | _keys_of(previous)
-        doomed = sorted(k for k in previous_manifest.replaced if k not in keep)
-        if not doomed:
-            return
-        try:
-            self.store.run(self.store.delete(doomed))
+            doomed = self._older_generation(previous, current)
+            if doomed:
+                self.store.run(self.store.delete(doomed))
         except Exception as exc:
             logger.warning(
-                "%s: the new checkpoint is committed, but deleting %d objects of an older "
-                "one failed (%s); `dcp-cloud gc` removes them later",
+                "%s: the new checkpoint is committed, but cleaning up an older one failed (%s); "
+                "`dcp-cloud gc` removes what is left",
                 self.store.url,
-                len(doomed),
                 exc,
             )
+
+    def _older_generation(self, previous: Metadata, current: Metadata) -> list[str]:
+        """Keys of the generation before ``previous`` that are provably ours, data first and
+        each save's records last."""
+        previous_id = getattr(previous.storage_meta, "save_id", None)
+        if not isinstance(previous_id, str) or not layout.is_save_id(previous_id):
+            return []  # not written by dcp_cloud: nothing recorded about what it replaced
+        recorded = read_save(self.store, "", previous_id, intent=False)
+        if recorded.manifest is None:
+            return []
+        keep = _keys_of(current) | _keys_of(previous)
+        by_save: dict[str, list[str]] = {}
+        for key in recorded.manifest.replaced:
+            save_id = layout.save_id_of_key(key) if is_confined(key) else None
+            if save_id is None or key in keep:
+                if key not in keep:
+                    logger.warning("%s: not deleting %r: not a key of a save of ours", self.store.url, key)
+                continue
+            by_save.setdefault(save_id, []).append(key)
+        doomed: list[str] = []
+        records: list[str] = []
+        for save_id, keys in sorted(by_save.items()):
+            # a save that an older .metadata committed: its manifest is its record
+            save = read_save(self.store, "", save_id, intent=False)
+            owned = sorted(k for k in keys if save.accounts_for(k))
+            doomed += [k for k in owned if k not in save.record_keys()]
+            records += [k for k in owned if k in save.record_keys()]
+        return doomed + records

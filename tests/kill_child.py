@@ -2,7 +2,8 @@
 
 Usage: python tests/kill_child.py {ours|fsspec} URL STORAGE_OPTIONS_JSON VALUE [GO_FILE [no-overwrite]]
 Prints READY when about to save and DONE when the save returned. With GO_FILE, waits for that
-file to exist before saving (to start several savers at once).
+file to exist before saving (to start several savers at once). The environment variable
+KILL_CHILD_LEASE_SECONDS sets the writer's lease (default: the writer's).
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def main() -> None:
     if kind == "ours":
         from dcp_cloud import CloudStorageWriter
 
+        lease = os.environ.get("KILL_CHILD_LEASE_SECONDS")
+        extra = {"lease_seconds": float(lease)} if lease else {}
         writer = CloudStorageWriter(
-            url, storage_options=options, part_size=5 * 1024 * 1024, overwrite=overwrite
+            url, storage_options=options, part_size=5 * 1024 * 1024, overwrite=overwrite, **extra
         )
     else:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter

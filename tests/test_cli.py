@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner, Result
 
+from dcp_cloud import layout
 from dcp_cloud.cli import cli
 from dcp_cloud.info import read_metadata
 from dcp_cloud.manager import CheckpointManager
+from dcp_cloud.ownership import Intent
 from dcp_cloud.store import open_store
 
 from .conftest import BUCKET, Target, make_target
@@ -210,10 +213,17 @@ def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest,
     manager.save(2, state(2))
     store = store_of(root)
     store.run(store.delete(["step-0000000002/.metadata"]))  # save 2 died before its commit
-    upload = store.run(store.start_upload("step-0000000003/save-20260101T000000Z-dead/__0_0.distcp"))
-    store.run(store.upload_part(upload, 1, 0, b"x" * (5 * MiB)))  # save 3 killed mid-upload
+    # save 3 was killed mid-upload: its intent record (a lease long expired) and an upload
+    dead = "save-20260101T000000Z-0000dead"
+    intent = Intent(dead, ("__0_",), created=time.time(), heartbeat=time.time(), lease_seconds=0.1)
+    store.run(store.put(f"step-0000000003/{layout.intent_key(dead)}", intent.to_json()))
+    upload = store.run(store.start_upload(f"step-0000000003/{dead}/__0_0.distcp"))
+    store.run(store.upload_part(upload, 1, 0, b"x" * (5 * MiB)))
+    time.sleep(0.2)  # past the lease
     debris = {
-        k for k in (o.key for o in store.run(store.list_objects(""))) if k.startswith("step-0000000002/")
+        k
+        for k in (o.key for o in store.run(store.list_objects("")))
+        if k.startswith(("step-0000000002/", "step-0000000003/"))
     }
 
     young = run(root, "gc", root.url, "--json")

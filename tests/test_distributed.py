@@ -424,7 +424,15 @@ def test_sigkill_of_one_rank_mid_save_commits_nothing(request: pytest.FixtureReq
     kinds = Counter(r.kind for r in victim)
     assert kinds["create_multipart_upload"] == 1, kinds
     assert kinds["complete_multipart_upload"] == 0
-    debris = sorted(k for k in keys if k not in committed and k not in (".metadata",) and "manifest" not in k)
+    # the failed save's intent record stays for gc, beside rank 0's object
+    debris = sorted(
+        k
+        for k in keys
+        if k not in committed
+        and k not in (".metadata",)
+        and "manifest" not in k
+        and not k.endswith("/intent.json")
+    )
     # rank 0 finished its upload before the save failed: its object stays, unreferenced, for gc
     assert [k.rsplit("/", 1)[1] for k in debris] == ["__0_0.distcp"], debris
 
@@ -488,7 +496,7 @@ def test_request_counts_by_world_size(saved: SavedCheckpoints) -> None:
             reads = [r for r in requests if r.kind in ("head", "get_object")]
             assert all(r.path.endswith(("/.metadata", "/manifest.json")) for r in reads), reads
             puts = sum(n for k, n in server.items() if k in PUT_KINDS)
-            assert puts == world + 2  # one data object per rank, the manifest, .metadata
+            assert puts == world + 3  # one data object per rank, the intent record, the manifest, .metadata
             rows.append(_row(world, phase, server))
     # reads do not grow with the world size
     for phase in ("save1", "save2"):

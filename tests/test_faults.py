@@ -85,8 +85,8 @@ def proxied(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, Any
 
 
 def test_faults_on_gcs_and_azure_are_survived(proxied: tuple[str, dict[str, Any], FaultProxy]) -> None:
-    """gcsfs and the Azure SDK retry for us; their retries are their own, so only the injected
-    faults and the bitwise round trips are checked here."""
+    """The store's one retry layer covers GCS and Azure too: only the injected faults and the
+    bitwise round trips are checked here."""
     base, options, proxy = proxied
     proxy.set_faults(0.10, kinds="503,500,reset", seed=7)
     try:

@@ -41,14 +41,21 @@ def _upload_has_data(target: Target, store: Any) -> bool:
         )
     if target.store == "file":
         return any(
-            os.path.getsize(u.upload.state[1]) > 0 for u in uploads if os.path.exists(u.upload.state[1])
+            os.path.getsize(u.upload.state[1]) > 0
+            for u in uploads
+            if u.key.endswith(".distcp") and os.path.exists(u.upload.state[1])
         )
     return bool(uploads)  # GCS part objects, Azure uncommitted blocks: listed once they hold data
 
 
-def _saver_with_open_upload(target: Target, value: float) -> subprocess.Popen[str]:
-    """A child saving ``value``, returned once its multipart upload holds some data."""
+def _saver_with_open_upload(
+    target: Target, value: float, lease: float | None = None
+) -> subprocess.Popen[str]:
+    """A child saving ``value`` (with a save lease of ``lease`` seconds), returned once its
+    multipart upload holds some data."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if lease is not None:
+        env["KILL_CHILD_LEASE_SECONDS"] = str(lease)
     child = subprocess.Popen(
         [sys.executable, CHILD, "ours", target.url, json.dumps(target.storage_options), str(value)],
         stdout=subprocess.PIPE,
@@ -66,9 +73,9 @@ def _saver_with_open_upload(target: Target, value: float) -> subprocess.Popen[st
     return child
 
 
-def _kill_mid_upload(target: Target, value: float) -> None:
+def _kill_mid_upload(target: Target, value: float, lease: float | None = None) -> None:
     """Start a save in a child and SIGKILL it while its multipart upload is open."""
-    child = _saver_with_open_upload(target, value)
+    child = _saver_with_open_upload(target, value, lease)
     child.kill()
     child.wait(timeout=30)
 
@@ -80,12 +87,16 @@ def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest,
     store = open_store(target.url, target.storage_options)
     committed = {o.key for o in store.run(store.list_objects(""))}
 
-    _kill_mid_upload(target, 2.0)
+    lease = 3.0
+    _kill_mid_upload(target, 2.0, lease)
+    killed_at = time.monotonic()
+    held = collect_garbage(target.url, storage_options=target.storage_options, grace_seconds=0)
+    assert held.deleted == [] and held.aborted_uploads == []  # its lease is still live: untouched
     assert _load_value(target) == {1.0}
     open_uploads = store.run(store.list_uploads(""))
     orphans = {o.key for o in store.run(store.list_objects(""))} - committed
     assert open_uploads or orphans, "the killed save left nothing to clean"
-
+    time.sleep(max(0.0, lease + 0.5 - (time.monotonic() - killed_at)))
     young = collect_garbage(target.url, storage_options=target.storage_options)
     assert young.deleted == [] and young.aborted_uploads == []  # within the grace period: untouched
 

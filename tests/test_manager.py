@@ -235,8 +235,8 @@ def test_two_ranks_only_rank0_lists(s3_target: Target, tmp_path: Path) -> None:
     for seen in results:
         assert seen["steps"] == [2] and seen["latest"] == 2 and seen["step"] == 2
         assert torch.equal(seen["w"], torch.full((8, 4), 2.0))
-    # 2 retention listings + 1 listing of step 1 to delete it + steps() + latest() + load()
-    assert results[0]["lists"] == 6
+    # 2 retention listings + 2 of step 1 to delete it (objects, uploads) + steps() + latest() + load()
+    assert results[0]["lists"] == 7
     assert results[1]["lists"] == 0
     server_lists = [r for r in server.requests() if r.kind == "list_objects"]
     assert len(server_lists) == results[0]["lists"]

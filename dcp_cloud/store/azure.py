@@ -8,19 +8,26 @@ still reports blobs that hold only uncommitted blocks, so ``gc`` can drop them s
 No-overwrite commits send ``If-None-Match: *``; Azure answers 409 BlobAlreadyExists when the
 blob exists. Ranged reads are ``Get Blob`` with an ``x-ms-range``.
 
-Retries are the Azure SDK's own (on 408/429/5xx and connection errors), with the tries bounded by
-``max_attempts``. Its default backoff (15 s, then 18 s, 24 s, ...) would stall a save for minutes
-over a few throttled parts, so we start at 0.5 s and double.
+Retries are ours (``ObjectStore._request``): 408, 429, 5xx, timeouts and refused connections,
+one layer per request; the SDK's retry policy is set to no retries. Every call carries a
+connection timeout of ``CONNECT_TIMEOUT`` and a per-read timeout of ``READ_TIMEOUT`` (adlfs's
+``connection_timeout``/``read_timeout`` storage options override them).
+
+Blob names are sent as the SDK quotes them; the HTTP client would resolve ``.``/``..`` segments
+in a URL path, so such keys (and such store roots) are refused before any call is made: a key
+cannot reach another container, whatever the credential (shared key or a SAS) allows.
 """
 
 from __future__ import annotations
 
 import base64
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import BucketNotFoundError, StoreAccessError
-from .base import MultipartUpload, ObjectInfo, PendingUpload
+from ..options import CONNECT_TIMEOUT, READ_TIMEOUT
+from .base import MultipartUpload, ObjectInfo, PendingUpload, redacted_endpoint
 from .body import PartBody
 from .bucket import BucketStore, delete_each
 
@@ -60,7 +67,32 @@ class AzureBlobStore(BucketStore):
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(fs, url, root, max_concurrency)
-        _tune_retries(fs.service_client, max_attempts)
+        self.max_attempts = max_attempts
+        _switch_off_sdk_retries(fs.service_client)
+        self._timeouts: dict[str, Any] = {"connection_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT}
+        self._timeouts.update(getattr(fs, "_timeout_kwargs", None) or {})
+
+    @property
+    def endpoint(self) -> str:
+        return redacted_endpoint(getattr(self.fs.service_client, "primary_endpoint", None))
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        import aiohttp
+        from azure.core.exceptions import (
+            DecodeError,
+            HttpResponseError,
+            ServiceRequestError,
+            ServiceResponseError,
+        )
+
+        # DecodeError: a body cut off midway (IncompleteReadError) or garbled in transit
+        if isinstance(exc, (ServiceRequestError, ServiceResponseError, DecodeError)):
+            return True
+        if isinstance(exc, HttpResponseError):
+            return exc.status_code in _TRANSIENT_STATUS
+        return isinstance(
+            exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, ConnectionError)
+        )
 
     @property
     def _container_client(self) -> Any:
@@ -69,8 +101,8 @@ class AzureBlobStore(BucketStore):
     def _blob(self, key: str) -> Any:
         return self.fs.service_client.get_blob_client(self.bucket, self.full_key(key))
 
-    async def _azure(self, kind: str, key: str, call: Any) -> Any:
-        """Await one SDK request (the SDK's retries included), errors translated."""
+    async def _azure(self, kind: str, key: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """One SDK request (``call()`` starts a try), retried, errors translated."""
         from azure.core.exceptions import (
             ClientAuthenticationError,
             HttpResponseError,
@@ -112,14 +144,16 @@ class AzureBlobStore(BucketStore):
     async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
         # the SDK's single-request upload takes bytes only
         body = data if isinstance(data, bytes) else bytes(data)
-        await self._azure("put", key, self._blob(key).upload_blob(body, overwrite=not if_absent))
+        await self._azure(
+            "put", key, lambda: self._blob(key).upload_blob(body, overwrite=not if_absent, **self._timeouts)
+        )
 
     async def get(self, key: str) -> bytes:
         async def read() -> bytes:
-            downloader = await self._blob(key).download_blob()
+            downloader = await self._blob(key).download_blob(**self._timeouts)
             return bytes(await downloader.readall())
 
-        return await self._azure("get", key, read())
+        return await self._azure("get", key, read)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         if end <= start:
@@ -129,17 +163,20 @@ class AzureBlobStore(BucketStore):
         return bytes(out[:got])
 
     async def read_into(self, key: str, start: int, out: memoryview) -> int:
+        if len(out) == 0:  # an empty range has no x-ms-range form: the SDK would fail on it
+            return 0
+
         async def read() -> int:
-            downloader = await self._blob(key).download_blob(offset=start, length=len(out))
+            downloader = await self._blob(key).download_blob(offset=start, length=len(out), **self._timeouts)
             sink = _MemoryviewSink(out)
             await downloader.readinto(sink)
             return sink.position
 
-        return int(await self._azure("get_range", key, read()))
+        return int(await self._azure("get_range", key, read))
 
     async def exists(self, key: str) -> bool:
         try:
-            await self._azure("head", key, self._blob(key).get_blob_properties())
+            await self._azure("head", key, lambda: self._blob(key).get_blob_properties(**self._timeouts))
         except FileNotFoundError as exc:
             if isinstance(exc, BucketNotFoundError):
                 raise
@@ -150,10 +187,12 @@ class AzureBlobStore(BucketStore):
         name_prefix = self.listing_prefix(prefix)
 
         async def collect() -> list[Any]:
-            pager = self._container_client.list_blobs(name_starts_with=name_prefix or None, include=include)
+            pager = self._container_client.list_blobs(
+                name_starts_with=name_prefix or None, include=include, **self._timeouts
+            )
             return [blob async for blob in pager]
 
-        return list(await self._azure("list", prefix, collect()))
+        return list(await self._azure("list", prefix, collect))
 
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         infos = [
@@ -170,7 +209,7 @@ class AzureBlobStore(BucketStore):
         await delete_each(keys, self._delete_one)
 
     async def _delete_one(self, key: str) -> None:
-        await self._azure("delete", key, self._blob(key).delete_blob())
+        await self._azure("delete", key, lambda: self._blob(key).delete_blob(**self._timeouts))
 
     # -- uploads: staged blocks, committed as one block list ----------------------------------
 
@@ -184,7 +223,9 @@ class AzureBlobStore(BucketStore):
         # slices of our buffer: a memoryview body would be copied whole into aiohttp's write buffer
         body = PartBody(data)
         await self._azure(
-            "upload_part", upload.key, self._blob(upload.key).stage_block(block, body, length=len(body))
+            "upload_part",
+            upload.key,
+            lambda: self._blob(upload.key).stage_block(block, body, length=len(body), **self._timeouts),
         )
         upload.parts[part_number] = block
 
@@ -192,13 +233,19 @@ class AzureBlobStore(BucketStore):
         from azure.storage.blob import BlobBlock
 
         blocks = [BlobBlock(block_id=upload.parts[n]) for n in sorted(upload.parts)]
-        await self._azure("complete_upload", upload.key, self._blob(upload.key).commit_block_list(blocks))
+        await self._azure(
+            "complete_upload",
+            upload.key,
+            lambda: self._blob(upload.key).commit_block_list(blocks, **self._timeouts),
+        )
 
     async def abort_upload(self, upload: MultipartUpload) -> None:
         # Uncommitted blocks cannot be deleted one by one; deleting a blob that has only
         # uncommitted blocks drops them, and Azure drops the rest after 7 days anyway.
         try:
-            await self._azure("abort_upload", upload.key, self._blob(upload.key).delete_blob())
+            await self._azure(
+                "abort_upload", upload.key, lambda: self._blob(upload.key).delete_blob(**self._timeouts)
+            )
         except Exception:  # nothing to delete, or the store is unreachable: gc cleans up later
             pass
 
@@ -217,16 +264,16 @@ class AzureBlobStore(BucketStore):
         ]
 
 
-def _tune_retries(service_client: Any, max_attempts: int) -> None:
-    """Bound the SDK's retries by ``max_attempts`` and shorten its backoff.
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def _switch_off_sdk_retries(service_client: Any) -> None:
+    """Set the SDK's retry policy to no retries: ours run instead.
 
     adlfs builds the client without a retry policy of ours; its policy object is shared by every
     client derived from it, so we adjust that one object in place.
     """
     policy = getattr(getattr(service_client, "_config", None), "retry_policy", None)
-    if policy is None or not hasattr(policy, "initial_backoff"):
+    if policy is None or not hasattr(policy, "total_retries"):
         return
-    policy.total_retries = max(0, max_attempts - 1)
-    policy.initial_backoff = 0.5
-    policy.increment_base = 2
-    policy.random_jitter_range = 0.5
+    policy.total_retries = 0

@@ -3,6 +3,18 @@
 Everything above this layer speaks in keys relative to the checkpoint's root. Each store runs its
 coroutines on one event loop (fsspec's I/O loop), and callers on ordinary threads use ``run`` and
 ``submit``. Requests are bounded by ``max_concurrency`` and counted for the stats.
+
+Every operation refuses a key that is not confined to the store's root (``..`` or ``.``
+segments, absolute paths, empty segments, backslashes, schemes: see
+:func:`dcp_cloud.confine.key_problem`) with ``UnsafeCheckpointError`` before any client library
+sees it, so no caller can reach another folder, bucket or container however a library
+normalizes names.
+
+Each request has one retry layer, :meth:`ObjectStore._request`: failures the store calls
+transient (refused or timed-out connections, cut-off bodies, throttling and 5xx answers) are
+tried again with jittered exponential backoff, up to ``max_attempts`` tries and only while less
+than ``retry_window`` seconds have passed since the first failure; then the request fails with
+``StoreUnavailableError``. The client libraries' own retries are switched off where ours run.
 """
 
 from __future__ import annotations
@@ -10,15 +22,97 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
-from collections.abc import Coroutine
+import functools
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import fsspec.asyn
 
+from ..confine import key_problem
+from ..errors import StoreUnavailableError, UnsafeCheckpointError
+from ..options import RETRY_WINDOW
 from ..stats import RequestCounter
 
 T = TypeVar("T")
+
+#: first and largest pause between two tries of a request, in seconds
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 8.0
+
+# Operations whose first argument is one key, a list of keys, a listing prefix or an upload.
+_KEY_OPERATIONS = ("put", "get", "get_range", "read_into", "exists", "start_upload")
+_KEYS_OPERATIONS = ("delete",)
+_PREFIX_OPERATIONS = ("list_objects", "list_uploads")
+_UPLOAD_OPERATIONS = ("upload_part", "complete_upload", "abort_upload")
+
+
+def check_key(key: Any, store: str) -> str:
+    """``key`` itself when it names an object inside the store's root, else
+    ``UnsafeCheckpointError`` naming it."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise UnsafeCheckpointError(
+            f"{store}: refused the key {key!r}, which {problem}: store operations take only keys "
+            "inside the store's root (relative, no '.' or '..' segments, no empty segments). "
+            "Nothing was sent to the store; if the key came from a checkpoint's files, that "
+            "checkpoint may have been crafted."
+        )
+    return str(key)
+
+
+def check_prefix(prefix: Any, store: str) -> str:
+    """A listing prefix: empty (the whole root), or a key, optionally ending with ``/``."""
+    if prefix == "":
+        return prefix
+    check_key(prefix[:-1] if isinstance(prefix, str) and prefix.endswith("/") else prefix, store)
+    return str(prefix)
+
+
+def _guarded(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with its key argument checked first (see :func:`check_key`)."""
+
+    def check(self: ObjectStore, first: Any) -> None:
+        if name in _KEY_OPERATIONS:
+            check_key(first, self.url)
+        elif name in _KEYS_OPERATIONS:
+            for key in first:
+                check_key(key, self.url)
+        elif name in _PREFIX_OPERATIONS:
+            check_prefix(first, self.url)
+        else:
+            check_key(getattr(first, "key", None), self.url)
+
+    @functools.wraps(method)
+    async def guarded(self: ObjectStore, *args: Any, **kwargs: Any) -> Any:
+        if args:
+            check(self, args[0])
+        elif kwargs:
+            check(self, next(iter(kwargs.values())))
+        return await method(self, *args, **kwargs)
+
+    guarded.__dcp_key_guard__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception's type and first line, without URL query strings or user-info (where
+    presigned URLs and SAS tokens travel)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = re.sub(r"\?[^\s\"'<>]*", "", text)
+    text = re.sub(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]*@", r"\1", text)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def redacted_endpoint(url: str | None) -> str:
+    """``scheme://host[:port]`` of an endpoint URL, nothing else."""
+    if not url:
+        return "the store's endpoint"
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/@]*@)?([^/?#]*)", url)
+    return f"{match.group(1)}{match.group(2)}" if match else "the store's endpoint"
 
 
 @dataclass(frozen=True)
@@ -80,6 +174,14 @@ class ObjectStore(abc.ABC):
     #: copying it out (Azure's SDK does), so even reads into the destination cost memory
     buffers_downloads: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        names = _KEY_OPERATIONS + _KEYS_OPERATIONS + _PREFIX_OPERATIONS + _UPLOAD_OPERATIONS
+        for name in names:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__dcp_key_guard__", False):
+                setattr(cls, name, _guarded(name, method))
+
     def __init__(self, url: str, root: str, max_concurrency: int = 16) -> None:
         self.url = url
         self.root = root.rstrip("/")
@@ -87,6 +189,10 @@ class ObjectStore(abc.ABC):
         self.counter = RequestCounter()
         #: seconds one request may take, retries included (None: no limit)
         self.deadline: float | None = None
+        #: tries per request, retries included, for the failures ``_is_transient`` admits
+        self.max_attempts = 1
+        #: seconds after a request's first failure within which it is tried again
+        self.retry_window = RETRY_WINDOW
         self._semaphore: asyncio.Semaphore | None = None
 
     @property
@@ -117,19 +223,66 @@ class ObjectStore(abc.ABC):
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
         return self._semaphore
 
-    async def _request(self, kind: str, coro: Coroutine[Any, Any, T]) -> T:
-        """Await one store request under the concurrency bound, counting it."""
+    async def _request(self, kind: str, call: Coroutine[Any, Any, T] | Callable[[], Awaitable[T]]) -> T:
+        """Run one store request under the concurrency bound, counting each try.
+
+        ``call`` is a coroutine (tried once) or a function that starts a fresh try each time it
+        is called (tried again on transient failures: see the module docstring). ``deadline``
+        bounds the whole, retries included.
+        """
+        tries = self._tries(kind, call) if callable(call) else self._one_try(kind, call)
+        if self.deadline is None:
+            return await tries
+        try:
+            return await asyncio.wait_for(tries, self.deadline)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{self.url}: a {kind} request did not finish within the {self.deadline:g} s "
+                "deadline (retries included); raise `deadline`, or check the store's health"
+            ) from None
+
+    async def _one_try(self, kind: str, attempt: Awaitable[T]) -> T:
         async with self._slots():
             self.counter.request(kind)
-            if self.deadline is None:
-                return await coro
+            return await attempt
+
+    async def _tries(self, kind: str, start: Callable[[], Awaitable[T]]) -> T:
+        first_failure: float | None = None
+        number = 0
+        while True:
+            number += 1
             try:
-                return await asyncio.wait_for(coro, self.deadline)
-            except asyncio.TimeoutError:
-                raise TimeoutError(
-                    f"{self.url}: a {kind} request did not finish within the {self.deadline:g} s "
-                    "deadline (retries included); raise `deadline`, or check the store's health"
-                ) from None
+                return await self._one_try(kind, start())
+            except Exception as exc:
+                if not self._is_transient(exc):
+                    raise
+                now = time.monotonic()
+                first_failure = now if first_failure is None else first_failure
+                pause = backoff(number)
+                if number >= self.max_attempts or now + pause - first_failure > self.retry_window:
+                    raise self._unavailable(kind, exc, number, now - first_failure) from exc
+            self.counter.retry()
+            await asyncio.sleep(pause)
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        """Whether a failed try may succeed if repeated (stores with a retry layer of their
+        own in this class answer for the failures that layer covers)."""
+        return False
+
+    @property
+    def endpoint(self) -> str:
+        """The store's endpoint, ``scheme://host[:port]`` only (for messages)."""
+        return redacted_endpoint(None)
+
+    def _unavailable(
+        self, kind: str, exc: BaseException, tries: int, seconds: float
+    ) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"{self.url}: the store at {self.endpoint} did not complete a {kind} request "
+            f"({tries} tries, {seconds:.0f} s after the first failure; last: {describe_error(exc)}). "
+            "Check the endpoint URL, the network and that the service is up. To wait longer for "
+            "a store that comes back, raise `retry_window` or `max_attempts`."
+        )
 
     # -- the operations -----------------------------------------------------------------------
 
@@ -187,3 +340,19 @@ class ObjectStore(abc.ABC):
         """Uploads under ``prefix`` that were started and never finished (none by default:
         stores whose uploads leave nothing behind)."""
         return []
+
+
+def backoff(tries: int) -> float:
+    """Seconds to wait after ``tries`` failed tries: doubling from ``BACKOFF_BASE`` up to
+    ``BACKOFF_MAX``, each between half and all of that (jitter spreads concurrent retries)."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (tries - 1))
+    return ceiling * (0.5 + 0.5 * random.random())
+
+
+# The abstract operations get the key check too, for stores that inherit them.
+for _name in _KEY_OPERATIONS + _KEYS_OPERATIONS + _PREFIX_OPERATIONS + _UPLOAD_OPERATIONS:
+    _method = ObjectStore.__dict__[_name]
+    _wrapped = _guarded(_name, _method)
+    if getattr(_method, "__isabstractmethod__", False):
+        _wrapped.__isabstractmethod__ = True  # type: ignore[attr-defined]
+    setattr(ObjectStore, _name, _wrapped)

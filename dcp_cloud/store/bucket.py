@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
-from ..errors import BucketNotFoundError
+from ..errors import BucketNotFoundError, StoreConfigError
 from .fsspec_store import FsspecStore
 
 
@@ -19,6 +20,7 @@ class BucketStore(FsspecStore):
         bucket, prefix, _ = fs.split_path(root)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        _check_root(url, bucket, self.prefix)
 
     @property
     def loop(self) -> Any:
@@ -51,3 +53,14 @@ async def delete_each(keys: list[str], delete_one: Callable[[str], Awaitable[Non
                 raise
 
     await asyncio.gather(*(delete(k) for k in keys))
+
+
+def _check_root(url: str, bucket: str, prefix: str) -> None:
+    """Refuse a root whose bucket or prefix has ``.``/``..`` segments: HTTP clients resolve them
+    in a URL path, which would move the root into another folder, bucket or container."""
+    segments = [bucket, *prefix.split("/")] if prefix else [bucket]
+    if any(unquote(segment) in (".", "..") for segment in segments) or "/" in bucket:
+        raise StoreConfigError(
+            f"{url}: the URL's bucket and path may not hold '.' or '..' segments; name the "
+            "checkpoint's folder directly (for example s3://bucket/run1/step-100)."
+        )

@@ -2,7 +2,9 @@
 
 Correct on every fsspec backend (memory, gcsfs, adlfs, ossfs, ...), if not tuned for any: a
 multipart upload is written through one ``fs.open(key, "wb")`` stream, parts in order, and the
-object appears when that stream closes.
+object appears when that stream closes. Filesystems whose write streams show the object as soon
+as they open (fsspec's memory filesystem, which also cannot discard one) get their uploads'
+parts held in memory instead, and written with one ``pipe_file`` on completion.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ class _OrderedStream:
         self.turn = asyncio.Condition()
 
 
+class _HeldParts:
+    """The parts of an upload held in memory until it completes (``MultipartUpload.parts``
+    maps each part number to its bytes)."""
+
+
 class FsspecStore(ObjectStore):
     """Store over any fsspec filesystem."""
 
@@ -33,6 +40,8 @@ class FsspecStore(ObjectStore):
         super().__init__(url, root, max_concurrency)
         self.fs = fs
         self._made_dirs: set[str] = set()
+        #: whether uploads are held in memory until complete (see the module docstring)
+        self._holds_uploads = _commits_on_open(fs)
 
     def path(self, key: str) -> str:
         return layout.join(self.root, key)
@@ -87,7 +96,10 @@ class FsspecStore(ObjectStore):
         return bool(await self._call("head", key, self.fs.exists, self.path(key)))
 
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
-        base = self.path(prefix) if prefix else self.root
+        # A prefix matches keys as a string ("run" matches "run-2/x" and "runner"): list the
+        # folder it ends in, then filter.
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self.path(folder) if folder else self.root
         try:
             found = await self._call("list", prefix, self.fs.find, base, detail=True)
         except FileNotFoundError:
@@ -123,12 +135,17 @@ class FsspecStore(ObjectStore):
     async def start_upload(self, key: str) -> MultipartUpload:
         path = self.path(key)
         await self._ensure_parent(key, path)
+        if self._holds_uploads:
+            return MultipartUpload(key, _HeldParts())
         stream = await self._call("start_upload", key, self.fs.open, path, "wb")
         return MultipartUpload(key, _OrderedStream(stream))
 
     async def upload_part(
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
     ) -> None:
+        if isinstance(upload.state, _HeldParts):
+            await self._request("upload_part", _hold(upload, part_number, data))
+            return
         ordered: _OrderedStream = upload.state
         async with ordered.turn:
             await ordered.turn.wait_for(lambda: ordered.next_part == part_number)
@@ -138,9 +155,17 @@ class FsspecStore(ObjectStore):
             ordered.turn.notify_all()
 
     async def complete_upload(self, upload: MultipartUpload) -> None:
+        if isinstance(upload.state, _HeldParts):
+            whole = b"".join(upload.parts[n] for n in sorted(upload.parts))
+            upload.parts.clear()
+            await self._call("complete_upload", upload.key, self.fs.pipe_file, self.path(upload.key), whole)
+            return
         await self._call("complete_upload", upload.key, upload.state.stream.close)
 
     async def abort_upload(self, upload: MultipartUpload) -> None:
+        if isinstance(upload.state, _HeldParts):
+            upload.parts.clear()
+            return
         stream = upload.state.stream
         discard = getattr(stream, "discard", None)
         try:
@@ -151,6 +176,25 @@ class FsspecStore(ObjectStore):
                 await self.delete([upload.key])
         except Exception:  # the upload is abandoned either way; gc removes leftovers
             pass
+
+
+async def _hold(upload: MultipartUpload, part_number: int, data: bytes | bytearray | memoryview) -> None:
+    """Keep a copy of a part (the caller reuses its buffer) until the upload completes."""
+    upload.parts[part_number] = bytes(data)
+
+
+def _commits_on_open(fs: AbstractFileSystem) -> bool:
+    """Whether ``fs.open(path, "wb")`` makes the object visible at once (fsspec's memory
+    filesystem, also behind a ``DirFileSystem``)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    seen = 0
+    while fs is not None and seen < 8:
+        if isinstance(fs, MemoryFileSystem):
+            return True
+        fs = getattr(fs, "fs", None)  # a wrapper's inner filesystem
+        seen += 1
+    return False
 
 
 def _modified(info: dict[str, Any]) -> float | None:

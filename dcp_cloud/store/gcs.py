@@ -5,7 +5,7 @@ of an object concurrently we upload each part as an object of its own and join t
 ``compose`` request, then delete the parts. GCS's XML multipart API would do the same without
 part objects, but it is a second protocol with its own auth and no emulator here speaks it; on
 real GCS both run at the per-stream rate times the number of streams, and compose costs one extra
-request per object plus free deletes (see the README's GCS section).
+request per object plus free deletes (see docs/clouds.md, Google Cloud Storage).
 
 Part objects live next to their object under ``<key>.dcp-upload-<id>/<n>``. Listings hide them
 (as S3 hides multipart parts) and ``list_uploads`` reports them, so ``gc`` removes the parts of
@@ -14,24 +14,31 @@ an upload that a crash left behind.
 No-overwrite commits use ``ifGenerationMatch=0`` on a single-request (multipart/related) upload:
 GCS refuses it with 412 when the object exists.
 
-Retries are gcsfs's own: up to 6 tries with exponential backoff on 429, 5xx and connection
-errors, for every request, bodies cut off midway included.
+Retries are ours (``ObjectStore._request``): 408, 429, 5xx, timeouts, refused connections and
+bodies cut off midway, one layer per request. We send requests through gcsfs's request function
+without its retry decorator; if a gcsfs release hides that function, its retries (6 tries) are
+the one layer instead. Connections time out after ``CONNECT_TIMEOUT`` and each socket read after
+``READ_TIMEOUT`` unless the filesystem has a ``requests_timeout`` of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
-from gcsfs.retry import retry_request, validate_response
+from gcsfs.core import GCSFileSystem
+from gcsfs.retry import HttpError, validate_response
+from requests.exceptions import ProxyError
 
 from ..errors import BucketNotFoundError, StoreAccessError
-from .base import MultipartUpload, ObjectInfo, PendingUpload
+from ..options import CONNECT_TIMEOUT, READ_TIMEOUT
+from .base import MultipartUpload, ObjectInfo, PendingUpload, redacted_endpoint
 from .body import PartBody
 from .bucket import BucketStore, delete_each
 from .fsspec_store import _modified
@@ -45,6 +52,18 @@ _PART_KEY = re.compile(r"^(?P<key>.+)" + re.escape(PART_MARKER) + r"(?P<upload>[
 #: compose joins at most 32 source objects per request.
 MAX_COMPOSE_SOURCES = 32
 
+#: gcsfs's request function without its retry decorator (None where gcsfs does not expose it)
+_PLAIN_REQUEST: Callable[..., Awaitable[Any]] | None = getattr(GCSFileSystem._request, "__wrapped__", None)
+
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_CONNECTION_ERRORS = (
+    aiohttp.ClientConnectionError,
+    aiohttp.ClientPayloadError,
+    asyncio.TimeoutError,
+    ConnectionError,
+    ProxyError,  # gcsfs's name for a 502 answer
+)
+
 
 def part_key(key: str, upload_id: str, part_number: int) -> str:
     """Key of one part object of an upload."""
@@ -56,6 +75,35 @@ class GCSStore(BucketStore):
 
     supports_conditional_put = True
     prefers_one_part_objects = True
+
+    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
+        super().__init__(fs, url, root, max_concurrency)
+        self.max_attempts = max_attempts if _PLAIN_REQUEST is not None else 1
+        if getattr(fs, "requests_timeout", None) is None:
+            fs.requests_timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
+            )
+
+    @property
+    def endpoint(self) -> str:
+        return redacted_endpoint(getattr(self.fs, "_location", None) or "https://storage.googleapis.com")
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        if _PLAIN_REQUEST is None:
+            return False
+        status = getattr(exc, "code", None) if isinstance(exc, HttpError) else None
+        if isinstance(exc, aiohttp.ClientResponseError):
+            status = exc.status
+        return status in _TRANSIENT_STATUS or isinstance(exc, _CONNECTION_ERRORS)
+
+    async def _json_call(
+        self, method: str, path: str, *args: Any, json_out: bool = False, **kwargs: Any
+    ) -> Any:
+        """``fs._call`` through gcsfs's request function without its retries."""
+        if _PLAIN_REQUEST is None:
+            return await self.fs._call(method, path, *args, json_out=json_out, **kwargs)
+        _, headers, _, contents = await _PLAIN_REQUEST(self.fs, method, path, *args, **kwargs)
+        return json.loads(contents) if json_out else (headers, contents)
 
     def _object_path(self, key: str) -> str:
         return f"b/{quote(self.bucket, safe='')}/o/{quote(self.full_key(key), safe='')}"
@@ -69,7 +117,7 @@ class GCSStore(BucketStore):
 
     async def _bucket_exists(self) -> bool:
         try:
-            await self.fs._call("GET", f"b/{quote(self.bucket, safe='')}", json_out=True)
+            await self._json_call("GET", f"b/{quote(self.bucket, safe='')}", json_out=True)
         except FileNotFoundError:
             return False
         except Exception:  # cannot tell; report the original error
@@ -77,11 +125,12 @@ class GCSStore(BucketStore):
         return True
 
     async def _gcs(self, kind: str, key: str, method: str, path: str, **kwargs: Any) -> Any:
-        """One JSON-API request through gcsfs (its retries included), errors translated."""
-        return await self._translated(kind, key, self.fs._call(method, path, **kwargs))
+        """One JSON-API request, retried, errors translated."""
+        return await self._translated(kind, key, lambda: self._json_call(method, path, **kwargs))
 
-    async def _translated(self, kind: str, key: str, call: Coroutine[Any, Any, T]) -> T:
-        """Await one request under the concurrency bound, with gcsfs's errors made ours."""
+    async def _translated(self, kind: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One request (``call()`` starts a try) under the concurrency bound, retried, with
+        gcsfs's errors made ours."""
         try:
             return await self._request(kind, call)
         except FileNotFoundError as exc:
@@ -174,10 +223,11 @@ class GCSStore(BucketStore):
         return bytes(contents)
 
     async def read_into(self, key: str, start: int, out: memoryview) -> int:
+        if len(out) == 0:  # an inverted Range header would be ignored: the whole object
+            return 0
         # Streamed into ``out`` chunk by chunk: gcsfs's own calls read whole bodies into memory.
-        return await self._translated(
-            "get_range", key, _read_range_into(self.fs, self._media_url(key), start, out)
-        )
+        url = self._media_url(key)
+        return await self._translated("get_range", key, lambda: _read_range_into(self.fs, url, start, out))
 
     async def exists(self, key: str) -> bool:
         try:
@@ -298,7 +348,6 @@ def _times(item: dict[str, Any]) -> dict[str, Any]:
     return {"mtime": datetime.fromisoformat(stamp.replace("Z", "+00:00"))}
 
 
-@retry_request(retries=6)  # gcsfs's retry policy, as for every other request
 async def _read_range_into(fs: Any, url: str, start: int, out: memoryview) -> int:
     """GET bytes ``[start, start + len(out))`` of ``url`` into ``out``; the count read."""
     await fs._set_session()

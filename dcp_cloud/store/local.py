@@ -5,6 +5,11 @@ straight from torch.save's memory (``write_in_place``, large writes split over t
 parts; completing it fsyncs once and renames the file into place, which POSIX makes atomic.
 Single-object writes go through the same temp-and-rename, so ``.metadata`` is never seen half
 written.
+
+Keys never lead outside the folder, symbolic links included: every operation checks that the
+key's folder resolves inside the store's root (each folder once per store), and reads also
+that the file itself does, so a crafted checkpoint whose data object is a link to a file
+elsewhere is refused. The root itself may be a link (``latest -> step-100``).
 """
 
 from __future__ import annotations
@@ -13,15 +18,30 @@ import asyncio
 import concurrent.futures
 import errno
 import os
+import re
 import secrets
 from typing import Any
 
 from .. import layout
-from ..errors import StoreAccessError, UploadError
+from ..errors import StoreAccessError, UnsafeCheckpointError, UploadError
 from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload
 
 # In-place writes larger than this are split over several threads.
 _WRITE_CHUNK = 8 * 1024 * 1024
+# The exact name of a write in progress: ``.<target name>.tmp-<8 hex digits>`` (see _temp_path).
+# Other files, however their names look (``.draft.tmp-1234``), are ordinary objects.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.tmp-[0-9a-f]{8}$")
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def temp_target(name: str) -> str | None:
+    """The file name an in-progress write named ``name`` will become, or None when ``name`` is
+    not a temporary file of ours."""
+    match = _TEMP_NAME.match(name)
+    return match.group("target") if match else None
 
 
 class LocalStore(ObjectStore):
@@ -33,6 +53,9 @@ class LocalStore(ObjectStore):
         super().__init__(url, os.path.abspath(root), max_concurrency)
         self.fsync = fsync
         self._writer_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._resolved_root: str | None = None
+        #: existing folders already found to resolve inside the root
+        self._inside_dirs: set[str] = set()
 
     def _writers(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._writer_pool is None:
@@ -41,8 +64,50 @@ class LocalStore(ObjectStore):
             )
         return self._writer_pool
 
-    def path(self, key: str) -> str:
+    def _file(self, key: str) -> str:
+        """The file of ``key`` by name alone; a key that would leave the root (``..``,
+        absolute) is refused."""
+        segments = key.split("/")
+        if key.startswith(("/", "\\")) or ".." in segments or "\\" in key or "\0" in key:
+            raise UnsafeCheckpointError(
+                f"{self.url}: refusing the key {key!r}, which leads outside the folder; keys are "
+                "relative paths without '..' segments"
+            )
         return layout.join(self.root, key)
+
+    def path(self, key: str) -> str:
+        """The file of ``key``; a key that would leave the root (``..``, absolute, or a folder
+        that is a symbolic link to somewhere outside it) is refused."""
+        path = self._file(key)
+        folder = os.path.dirname(path)
+        if folder not in self._inside_dirs:
+            if not self._resolves_inside(folder):
+                raise self._link_error(key)
+            if os.path.isdir(folder):
+                self._inside_dirs.add(folder)
+        return path
+
+    def readable_path(self, key: str) -> str:
+        """:meth:`path`, and the file itself must not be a link to somewhere outside the root."""
+        path = self.path(key)
+        if os.path.islink(path) and not self._resolves_inside(path):
+            raise self._link_error(key)
+        return path
+
+    def _resolves_inside(self, path: str) -> bool:
+        if self._resolved_root is None:
+            root = os.path.realpath(self.root)
+            if not os.path.isdir(self.root):
+                return _is_within(os.path.realpath(path), root)
+            self._resolved_root = root
+        return _is_within(os.path.realpath(path), self._resolved_root)
+
+    def _link_error(self, key: str) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(
+            f"{self.url}: refusing the key {key!r}: a symbolic link on its path leads outside "
+            "the folder. A checkpoint's objects must lie inside its folder; the checkpoint may "
+            "have been crafted, so do not load it from a folder you do not trust."
+        )
 
     async def _call(self, kind: str, key: str, func: Any, *args: Any) -> Any:
         try:
@@ -56,12 +121,12 @@ class LocalStore(ObjectStore):
     def _translate_os_error(self, key: str, exc: OSError) -> OSError | UploadError:
         if isinstance(exc, PermissionError):
             return StoreAccessError(
-                f"{self.url}: permission denied on {self.path(key)} ({exc.strerror}). "
+                f"{self.url}: permission denied on {self._file(key)} ({exc.strerror}). "
                 "Check the folder's owner and mode."
             )
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return UploadError(
-                f"{self.url}: no space left writing {self.path(key)} ({exc.strerror}). Free "
+                f"{self.url}: no space left writing {self._file(key)} ({exc.strerror}). Free "
                 "space on that disk or save somewhere else; nothing was committed."
             )
         return exc
@@ -102,10 +167,10 @@ class LocalStore(ObjectStore):
         return data
 
     async def get(self, key: str) -> bytes:
-        return await self._call("get", key, self._read, self.path(key), None, None)
+        return await self._call("get", key, self._read, self.readable_path(key), None, None)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
-        return await self._call("get_range", key, self._read, self.path(key), start, end)
+        return await self._call("get_range", key, self._read, self.readable_path(key), start, end)
 
     @staticmethod
     def _read_into(path: str, start: int, out: memoryview) -> int:
@@ -120,10 +185,10 @@ class LocalStore(ObjectStore):
         return total
 
     async def read_into(self, key: str, start: int, out: memoryview) -> int:
-        return await self._call("get_range", key, self._read_into, self.path(key), start, out)
+        return await self._call("get_range", key, self._read_into, self.readable_path(key), start, out)
 
     async def exists(self, key: str) -> bool:
-        return await self._call("head", key, os.path.isfile, self.path(key))
+        return await self._call("head", key, os.path.isfile, self.readable_path(key))
 
     def _list(self, prefix: str) -> list[ObjectInfo]:
         infos = []
@@ -131,7 +196,7 @@ class LocalStore(ObjectStore):
             for name in files:
                 full = os.path.join(dirpath, name)
                 key = os.path.relpath(full, self.root).replace(os.sep, "/")
-                if not key.startswith(prefix) or ".tmp-" in name:
+                if not key.startswith(prefix) or temp_target(name) is not None:
                     continue
                 try:
                     st = os.stat(full)
@@ -157,10 +222,11 @@ class LocalStore(ObjectStore):
         found = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
-                if ".tmp-" not in name or not name.startswith("."):
+                target = temp_target(name)
+                if target is None:
                     continue
                 full = os.path.join(dirpath, name)
-                final = os.path.join(dirpath, name[1 : name.index(".tmp-")])
+                final = os.path.join(dirpath, target)
                 key = os.path.relpath(final, self.root).replace(os.sep, "/")
                 if not key.startswith(prefix):
                     continue

@@ -4,46 +4,63 @@ We use the client directly for what s3fs's file API hides: multipart uploads who
 concurrently from our own buffers, conditional PUT (``If-None-Match: *``) for a no-overwrite
 commit, batched deletes, and the retry counts in each response's metadata.
 
-Retries are botocore's own ("standard" mode: jittered exponential backoff on throttling, 5xx,
-timeouts and connection errors, for every request kind), configured by ``open_store``; we do not
-stack s3fs's retry loop on top. A response body cut off mid-stream is past botocore's reach, so
-ranged reads retry that case themselves with tenacity.
+Retries are ours (``ObjectStore._request``): throttling, 5xx, timeouts, refused connections and
+bodies cut off midway, one layer for a request and its body together. botocore's own retries are
+off for a client this store configures (one not made yet, with ``open_store``'s retry settings
+or none); a client whose botocore retries the caller chose keeps them for requests, and our layer
+then retries only cut-off bodies, so no request is retried by two layers. Connections time out
+after ``CONNECT_TIMEOUT`` and each socket read after ``READ_TIMEOUT`` unless ``config_kwargs``
+says otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
-from botocore.exceptions import ClientError, ResponseStreamingError
+from botocore.exceptions import ClientError, HTTPClientError, ResponseStreamingError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3fs.errors import translate_boto_error
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from ..errors import BucketNotFoundError, StoreAccessError
-from .base import MultipartUpload, ObjectInfo, PendingUpload
+from ..options import CONNECT_TIMEOUT, READ_TIMEOUT
+from .base import MultipartUpload, ObjectInfo, PendingUpload, redacted_endpoint
 from .body import PartBody
 from .bucket import BucketStore
-
-T = TypeVar("T")
 
 
 class IncompleteBody(ConnectionError):
     """The server sent fewer body bytes than it announced."""
 
 
-# A ranged GET whose body stops early: the connection broke after the headers.
-_BODY_ERRORS = (
-    ResponseStreamingError,
+class _BodyError(ConnectionError):
+    """A GET's body broke off after its headers arrived."""
+
+
+# Failures of the connection: refused, timed out, reset, cut off midway.
+_CONNECTION_ERRORS = (
     BotoConnectionError,
+    HTTPClientError,  # botocore's read timeouts and closed connections
+    ResponseStreamingError,
     ConnectionError,
     asyncio.TimeoutError,
     aiohttp.ClientPayloadError,
     aiohttp.ClientConnectionError,
-    IncompleteBody,
 )
+
+# Answers worth another try: throttling, timeouts, server errors.
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+}
 
 _ACCESS_CODES = {
     "AccessDenied",
@@ -55,17 +72,32 @@ _ACCESS_CODES = {
 }
 
 
-def client_error_code(exc: BaseException | None) -> str | None:
-    """The S3 error code behind an exception that s3fs translated, if any."""
+def _error_responses(exc: BaseException | None) -> Iterator[dict[str, Any]]:
+    """The botocore error responses behind an exception that s3fs translated, outermost first."""
     seen = 0
     while exc is not None and seen < 8:
         response = getattr(exc, "response", None)
         if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code")
-            if code:
-                return str(code)
+            yield response
         exc = exc.__cause__ or exc.__context__
         seen += 1
+
+
+def client_error_code(exc: BaseException | None) -> str | None:
+    """The S3 error code behind an exception that s3fs translated, if any."""
+    for response in _error_responses(exc):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+    return None
+
+
+def http_status(exc: BaseException | None) -> int | None:
+    """The HTTP status of the S3 answer behind an exception that s3fs translated, if any."""
+    for response in _error_responses(exc):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status is not None:
+            return int(status)
     return None
 
 
@@ -77,14 +109,39 @@ class S3Store(BucketStore):
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(fs, url, root, max_concurrency)
         self.max_attempts = max_attempts
+        #: whether botocore retries requests itself (then ours retry only cut-off bodies)
+        self._client_retries = not _take_over_retries(fs, max_attempts)
+        #: whether a request proved the bucket exists (``exists`` then needs no bucket check)
+        self._bucket_seen = False
+
+    @property
+    def endpoint(self) -> str:
+        client = getattr(self.fs, "_s3", None)
+        url = getattr(getattr(client, "meta", None), "endpoint_url", None)
+        url = url or (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+        return redacted_endpoint(url or "https://s3.amazonaws.com")
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, _BodyError):
+            return True
+        if self._client_retries:
+            return False
+        if isinstance(exc, ClientError):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code")
+            return status in _TRANSIENT_STATUS or code in _TRANSIENT_CODES
+        return isinstance(exc, _CONNECTION_ERRORS)
+
+    def _bucket_not_found(self) -> BucketNotFoundError:
+        return BucketNotFoundError(
+            f"{self.url}: bucket {self.bucket!r} does not exist. Create it (for example "
+            f"`aws s3 mb s3://{self.bucket}`) or fix the URL."
+        )
 
     def _translate(self, exc: BaseException, key: str) -> BaseException:
         code = client_error_code(exc)
         if code == "NoSuchBucket":
-            return BucketNotFoundError(
-                f"{self.url}: bucket {self.bucket!r} does not exist. Create it (for example "
-                f"`aws s3 mb s3://{self.bucket}`) or fix the URL."
-            )
+            return self._bucket_not_found()
         if code in _ACCESS_CODES or isinstance(exc, PermissionError):
             return StoreAccessError(
                 f"{self.url}: the store refused the request on {self.full_key(key)!r} ({code or exc}). "
@@ -97,23 +154,34 @@ class S3Store(BucketStore):
 
     async def _client_call(self, method: str, **kwargs: Any) -> Any:
         client = await self.fs.set_session()
-        try:
-            return await getattr(client, method)(**kwargs)
-        except ClientError as exc:
-            raise translate_boto_error(exc) from exc
+        _send_bodies_at_once(client)
+        return await getattr(client, method)(**kwargs)
 
-    async def _s3(self, kind: str, key: str, method: str, **kwargs: Any) -> Any:
+    async def _s3(self, kind: str, key: str, method: str, read: Any = None, **kwargs: Any) -> Any:
+        """One request, retried (see the module docstring); with ``read``, the response's body
+        is read by ``await read(response)`` within the same try."""
+
+        async def attempt() -> Any:
+            response = await self._client_call(method, **kwargs)
+            retries = response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
+            if retries:
+                self.counter.retry(retries)
+            if read is None:
+                return response
+            try:
+                return await read(response)
+            except (IncompleteBody, *_CONNECTION_ERRORS) as exc:
+                raise _BodyError(f"{key}: {exc}") from exc
+
         try:
-            response = await self._request(kind, self._client_call(method, **kwargs))
+            return await self._request(kind, attempt)
+        except ClientError as exc:
+            raise self._translate(translate_boto_error(exc), key) from exc
         except Exception as exc:
             translated = self._translate(exc, key)
             if translated is exc:
                 raise
             raise translated from exc
-        retries = response.get("ResponseMetadata", {}).get("RetryAttempts", 0)
-        if retries:
-            self.counter.retry(retries)
-        return response
 
     async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
         condition = {"IfNoneMatch": "*"} if if_absent else {}
@@ -122,63 +190,66 @@ class S3Store(BucketStore):
             "put", key, "put_object", Bucket=self.bucket, Key=self.full_key(key), Body=body, **condition
         )
 
-    async def _with_body_retries(self, read: Callable[[], Awaitable[T]]) -> T:
-        """Run ``read`` (a GET and its body), again if the body is cut off midway."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.max_attempts),
-            wait=wait_random_exponential(multiplier=0.05, max=5),
-            retry=retry_if_exception_type(_BODY_ERRORS),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    self.counter.retry()
-                return await read()
-        raise AssertionError("unreachable: tenacity reraises the last error")
-
     async def _get_into(self, kind: str, key: str, out: memoryview | None, **range_kw: Any) -> Any:
-        """One GET; the body goes into ``out`` (returns the byte count) or is returned whole."""
-        response = await self._s3(
-            kind, key, "get_object", Bucket=self.bucket, Key=self.full_key(key), **range_kw
-        )
-        body = response["Body"]
-        expected = int(response.get("ContentLength", -1))
+        """One GET and its body, retried together; the body goes into ``out`` (returns the byte
+        count) or is returned whole. A range that starts at or past the object's end (416)
+        reads nothing."""
+
+        async def read(response: Any) -> Any:
+            return await _read_body(response, key, out)
+
         try:
-            if out is None:
-                data = await body.read()
-                got = len(data)
-            else:
-                got = 0
-                while got < len(out):
-                    n = await body.readinto(out[got:])
-                    if n == 0:
-                        break
-                    got += n
-        finally:
-            body.close()
-        if 0 <= got < expected:
-            raise IncompleteBody(f"{key}: the body ended after {got} of {expected} bytes")
-        return data if out is None else got
+            return await self._s3(
+                kind, key, "get_object", read, Bucket=self.bucket, Key=self.full_key(key), **range_kw
+            )
+        except OSError as exc:
+            if range_kw and http_status(exc) == 416:
+                return b"" if out is None else 0
+            raise
 
     async def get(self, key: str) -> bytes:
-        return await self._with_body_retries(lambda: self._get_into("get", key, None))
+        data: bytes = await self._get_into("get", key, None)
+        return data
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
-        return await self._with_body_retries(
-            lambda: self._get_into("get_range", key, None, Range=f"bytes={start}-{end - 1}")
-        )
+        # an inverted Range header (bytes=a-(a-1)) is ignored by S3, which sends the whole object
+        if end <= start:
+            return b""
+        data: bytes = await self._get_into("get_range", key, None, Range=f"bytes={start}-{end - 1}")
+        return data
 
     async def read_into(self, key: str, start: int, out: memoryview) -> int:
-        return await self._with_body_retries(
-            lambda: self._get_into("get_range", key, out, Range=f"bytes={start}-{start + len(out) - 1}")
-        )
+        if len(out) == 0:
+            return 0
+        span = f"bytes={start}-{start + len(out) - 1}"
+        return int(await self._get_into("get_range", key, out, Range=span))
 
     async def exists(self, key: str) -> bool:
+        """Whether the object exists; ``BucketNotFoundError`` when its bucket does not.
+
+        An answer to HEAD has no body, so a missing object and a missing bucket both come back
+        as a bare 404: only then is the bucket checked, once per store while it exists.
+        """
         try:
             await self._s3("head", key, "head_object", Bucket=self.bucket, Key=self.full_key(key))
+        except FileNotFoundError as exc:
+            if isinstance(exc, BucketNotFoundError):
+                raise
+            if not self._bucket_seen and not await self._bucket_exists(key):
+                raise self._bucket_not_found() from exc
+            return False
+        self._bucket_seen = True
+        return True
+
+    async def _bucket_exists(self, key: str) -> bool:
+        """Whether the bucket exists (True when the store will not say, e.g. no permission)."""
+        try:
+            await self._s3("head", key, "head_bucket", Bucket=self.bucket)
         except FileNotFoundError:
             return False
+        except Exception:  # cannot tell: answer for the object alone
+            return True
+        self._bucket_seen = True
         return True
 
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
@@ -290,3 +361,61 @@ class S3Store(BucketStore):
             )
         except Exception:  # already gone, or the store is unreachable: gc cleans up later
             pass
+
+
+async def _read_body(response: Any, key: str, out: memoryview | None) -> Any:
+    """A GET response's body: into ``out`` (the byte count) or whole (bytes)."""
+    body = response["Body"]
+    expected = int(response.get("ContentLength", -1))
+    try:
+        if out is None:
+            data = await body.read()
+            got = len(data)
+        else:
+            got = 0
+            while got < len(out):
+                n = await body.readinto(out[got:])
+                if n == 0:
+                    break
+                got += n
+    finally:
+        body.close()
+    if 0 <= got < expected:
+        raise IncompleteBody(f"{key}: the body ended after {got} of {expected} bytes")
+    return data if out is None else got
+
+
+def _drop_expect_continue(params: dict[str, Any], **_: Any) -> None:
+    params.get("headers", {}).pop("Expect", None)
+
+
+def _send_bodies_at_once(client: Any) -> None:
+    """Send request bodies without ``Expect: 100-continue`` first: aiohttp waits for the
+    ``100 Continue`` with no timeout, so a server that accepts the connection and never answers
+    would hang an upload for ever. (S3 takes bodies without it; it only saves sending a body
+    that is refused.)"""
+    if getattr(client, "_dcp_cloud_no_expect", False):
+        return
+    client.meta.events.register_last("before-call.s3", _drop_expect_continue)
+    client._dcp_cloud_no_expect = True
+
+
+def _take_over_retries(fs: Any, max_attempts: int) -> bool:
+    """Whether our retry layer retries this filesystem's requests: it does where botocore's
+    retries are off, which this switches them to (and sets connect and read timeouts) on a
+    filesystem whose client is not made yet and whose retry settings are ``open_store``'s or
+    none. Retries the caller chose otherwise stay botocore's."""
+    client = getattr(fs, "_s3", None)
+    if client is not None:
+        retries = getattr(getattr(getattr(client, "meta", None), "config", None), "retries", None) or {}
+        return retries.get("total_max_attempts", retries.get("max_attempts")) == 1
+    config = getattr(fs, "config_kwargs", None)
+    if not isinstance(config, dict):
+        return False
+    defaults = [{"mode": "standard", "total_max_attempts": n} for n in (max_attempts, 1)]
+    if config.get("retries") is not None and config.get("retries") not in defaults:
+        return False
+    config["retries"] = {"mode": "standard", "total_max_attempts": 1}
+    config.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    config.setdefault("read_timeout", READ_TIMEOUT)
+    return True

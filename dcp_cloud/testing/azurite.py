@@ -66,6 +66,52 @@ class AzuriteServer(ChildServer):
         """adlfs options that reach this server."""
         return {"connection_string": self.connection_string}
 
+    def sas_token(self, container: str | None = None, hours: float = 24.0) -> str:
+        """A SAS token signed with the development account's key that grants read, write,
+        delete and list: on ``container`` only, or (``None``) on every container of the
+        account, as a container or account owner would hand one out."""
+        import datetime
+
+        from azure.storage.blob import (
+            AccountSasPermissions,
+            ContainerSasPermissions,
+            ResourceTypes,
+            generate_account_sas,
+            generate_container_sas,
+        )
+
+        expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=hours)
+        if container is None:
+            return str(
+                generate_account_sas(
+                    ACCOUNT_NAME,
+                    ACCOUNT_KEY,
+                    ResourceTypes(service=True, container=True, object=True),
+                    AccountSasPermissions(
+                        read=True, write=True, delete=True, list=True, add=True, create=True
+                    ),
+                    expiry,
+                )
+            )
+        permission = ContainerSasPermissions(
+            read=True, write=True, delete=True, list=True, add=True, create=True
+        )
+        return str(
+            generate_container_sas(
+                ACCOUNT_NAME, container, account_key=ACCOUNT_KEY, permission=permission, expiry=expiry
+            )
+        )
+
+    def sas_storage_options(self, container: str | None = None) -> dict[str, Any]:
+        """adlfs options that reach this server with a SAS token and no account key: scoped to
+        ``container`` (requests to other containers are refused), or to the whole account."""
+        return {
+            "connection_string": (
+                f"BlobEndpoint={self.endpoint_url}/{ACCOUNT_NAME};"
+                f"SharedAccessSignature={self.sas_token(container)}"
+            )
+        }
+
     @property
     def env(self) -> dict[str, str]:
         """Environment for clients configured by variable (adlfs, the Azure SDK)."""

@@ -10,13 +10,17 @@ draw picks a fault:
   never sees them), halfway through the response body otherwise (a download cut off midway).
 
 The proxy runs its own event loop in a daemon thread. Counts of requests and faults are kept per
-kind, as the S3 server's injector keeps them.
+kind, as the S3 server's injector keeps them. ``stop()`` and a later ``start()`` take the proxy
+off its port and put it back (a server that goes away and returns).
+
+:class:`Blackhole` is the other kind of dead endpoint: it accepts connections and never answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import threading
 from collections import Counter
 from typing import Any
@@ -178,3 +182,50 @@ def _cut(request: Any) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort() if hasattr(transport, "abort") else transport.close()
+
+
+class Blackhole:
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers: a hung server,
+    or a network path that drops the replies."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._server: socket.socket | None = None
+        self._accepted: list[socket.socket] = []
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Blackhole:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(256)
+        self._server = server
+        self._thread = threading.Thread(target=self._accept, name="dcp-cloud-blackhole", daemon=True)
+        self._thread.start()
+        return self
+
+    def _accept(self) -> None:
+        while self._server is not None:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:  # closed by stop()
+                return
+            self._accepted.append(connection)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for connection in self._accepted:
+            connection.close()
+        self._accepted.clear()
+
+    def __enter__(self) -> Blackhole:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

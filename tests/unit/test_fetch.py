@@ -1,0 +1,177 @@
+"""dcp_cloud.fetch: which byte ranges a load reads, and how a range is cut into requests."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+from dcp_cloud.fetch import FetchRange, StoredItem, plan_fetches, split_range
+
+
+class Plan:
+    """ReadItems and their storage_data, built up item by item."""
+
+    def __init__(self) -> None:
+        self.requests: list[ReadItem] = []
+        self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
+
+    def item(self, key: str, offset: int, length: int, readers: int = 1) -> list[ReadItem]:
+        """A stored item at ``key[offset, offset+length)`` read by ``readers`` ReadItems."""
+        index = MetadataIndex(f"{key}@{offset}", torch.Size([0]), len(self.storage_data))
+        self.storage_data[index] = _StorageInfo(key, offset, length)
+        made = []
+        for n in range(readers):
+            dest = MetadataIndex(f"{key}@{offset}", torch.Size([n]), n)
+            request = ReadItem(
+                LoadItemType.BYTE_IO, dest, torch.Size([0]), index, torch.Size([0]), torch.Size([1])
+            )
+            made.append(request)
+        self.requests.extend(made)
+        return made
+
+    def plan(self, max_range: int = 1 << 30, gap: int = 0, **kwargs: Any) -> list[FetchRange]:
+        return plan_fetches(self.requests, self.storage_data, max_range, gap, **kwargs)
+
+
+def spans(ranges: list[FetchRange]) -> list[tuple[str, int, int, int]]:
+    """Each range as (key, start, end, number of items), sorted."""
+    return sorted((r.key, r.start, r.end, len(r.items)) for r in ranges)
+
+
+def test_neighbours_within_the_gap_are_read_together() -> None:
+    plan = Plan()
+    plan.item("a", 0, 10)
+    plan.item("a", 12, 8)  # 2 bytes after the first
+    plan.item("a", 100, 10)  # 80 bytes after the second
+    assert spans(plan.plan(gap=5)) == [("a", 0, 20, 2), ("a", 100, 110, 1)]
+    assert spans(plan.plan(gap=80)) == [("a", 0, 110, 3)]
+    assert spans(plan.plan(gap=1)) == [("a", 0, 10, 1), ("a", 12, 20, 1), ("a", 100, 110, 1)]
+
+
+def test_adjacent_items_merge_with_no_gap() -> None:
+    plan = Plan()
+    for offset in range(0, 40, 10):
+        plan.item("a", offset, 10)
+    assert spans(plan.plan(gap=0)) == [("a", 0, 40, 4)]
+
+
+def test_ranges_stay_within_max_range() -> None:
+    plan = Plan()
+    for offset in range(0, 50, 10):
+        plan.item("a", offset, 10)
+    assert spans(plan.plan(max_range=20, gap=100)) == [("a", 0, 20, 2), ("a", 20, 40, 2), ("a", 40, 50, 1)]
+
+
+def test_an_item_larger_than_max_range_is_never_split() -> None:
+    plan = Plan()
+    plan.item("a", 0, 100)
+    plan.item("a", 100, 5)
+    assert spans(plan.plan(max_range=30)) == [("a", 0, 100, 1), ("a", 100, 105, 1)]
+
+
+def test_objects_are_never_merged() -> None:
+    plan = Plan()
+    plan.item("a", 0, 10)
+    plan.item("b", 10, 10)
+    assert spans(plan.plan(gap=100)) == [("a", 0, 10, 1), ("b", 10, 20, 1)]
+
+
+def test_readers_of_one_stored_item_share_one_fetch() -> None:
+    plan = Plan()
+    requests = plan.item("a", 0, 10, readers=3)
+    (only,) = plan.plan()
+    assert [(i.offset, i.length) for i in only.items] == [(0, 10)]
+    assert only.items[0].requests == requests
+
+
+def test_items_of_a_range_are_in_offset_order_whatever_the_request_order() -> None:
+    plan = Plan()
+    for offset in (30, 0, 20, 10):
+        plan.item("a", offset, 10)
+    random.Random(0).shuffle(plan.requests)
+    (only,) = plan.plan()
+    assert [i.offset for i in only.items] == [0, 10, 20, 30]
+    assert only.size == 40
+
+
+def test_overlapping_items_are_not_merged() -> None:
+    plan = Plan()
+    plan.item("a", 0, 10)
+    plan.item("a", 5, 10)
+    assert spans(plan.plan(gap=100)) == [("a", 0, 10, 1), ("a", 5, 15, 1)]
+
+
+def test_items_kept_apart_get_a_range_of_their_own() -> None:
+    plan = Plan()
+    for offset in range(0, 40, 10):
+        plan.item("a", offset, 10)
+
+    def apart(key: str, item: StoredItem) -> bool:
+        return item.offset == 10
+
+    assert spans(plan.plan(gap=100, keep_apart=apart)) == [
+        ("a", 0, 10, 1),
+        ("a", 10, 20, 1),
+        ("a", 20, 40, 2),
+    ]
+
+
+@given(
+    items=st.lists(
+        st.tuples(st.sampled_from("abc"), st.integers(0, 500), st.integers(1, 60), st.integers(1, 3)),
+        max_size=30,
+    ),
+    max_range=st.integers(1, 300),
+    gap=st.integers(0, 100),
+)
+def test_every_request_is_served_once_by_a_range_that_holds_its_item(
+    items: list[tuple[str, int, int, int]], max_range: int, gap: int
+) -> None:
+    plan = Plan()
+    for key, offset, length, readers in items:
+        plan.item(key, offset, length, readers)
+    ranges = plan.plan(max_range=max_range, gap=gap)
+    served = [id(r) for fetch in ranges for item in fetch.items for r in item.requests]
+    assert sorted(served) == sorted(id(r) for r in plan.requests)
+    for fetch in ranges:
+        assert fetch.items and fetch.size <= max(max_range, max(i.length for i in fetch.items))
+        for item in fetch.items:
+            assert fetch.start <= item.offset and item.offset + item.length <= fetch.end
+            info = plan.storage_data[item.requests[0].storage_index]
+            assert info.relative_path == fetch.key and (info.offset, info.length) == (
+                item.offset,
+                item.length,
+            )
+        offsets = [i.offset for i in fetch.items]
+        assert offsets == sorted(offsets)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "piece", "expected"),
+    [
+        (0, 10, 4, [(0, 4), (4, 8), (8, 10)]),
+        (5, 13, 4, [(5, 9), (9, 13)]),
+        (0, 4, 4, [(0, 4)]),
+        (7, 7, 4, []),
+        (0, 3, 10, [(0, 3)]),
+    ],
+)
+def test_split_range(start: int, end: int, piece: int, expected: list[tuple[int, int]]) -> None:
+    assert split_range(start, end, piece) == expected
+
+
+@given(st.integers(0, 10_000), st.integers(0, 10_000), st.integers(1, 5_000))
+def test_split_range_covers_the_range_exactly_in_bounded_pieces(start: int, length: int, piece: int) -> None:
+    pieces = split_range(start, start + length, piece)
+    assert [a for a, _ in pieces] == list(range(start, start + length, piece))
+    assert all(0 < b - a <= piece for a, b in pieces)
+    assert all(b == a2 for (_, b), (a2, _) in zip(pieces, pieces[1:]))
+    assert sum(b - a for a, b in pieces) == length
