@@ -8,9 +8,7 @@ dcp.load(state_dict, storage_reader=CloudStorageReader("s3://bucket/run1/step-10
 """
 
 from ._version import __version__
-from .catalog import CheckpointSummary, list_checkpoints
-from .convert import load_full_state_dict, to_safetensors, to_torch_save
-from .copier import CopyReport, copy_checkpoint
+from .checkpoint.layout import HashPrefix, ReversedRankPrefix
 from .errors import (
     BucketNotFoundError,
     CheckpointExistsError,
@@ -24,14 +22,16 @@ from .errors import (
     UnsafeCheckpointError,
     UploadError,
 )
-from .gc import GcReport, collect_garbage
-from .info import CheckpointInfo, TensorInfo, checkpoint_info
-from .layout import HashPrefix, ReversedRankPrefix
-from .manager import CheckpointManager
-from .reader import CloudStorageReader
+from .load.reader import CloudStorageReader
+from .save.writer import CloudStorageWriter
 from .stats import TransferStats
-from .verify import Problem, VerifyReport, verify_checkpoint
-from .writer import CloudStorageWriter
+from .tools.catalog import CheckpointSummary, list_checkpoints
+from .tools.convert import load_full_state_dict, to_safetensors, to_torch_save
+from .tools.copy import CopyReport, copy_checkpoint
+from .tools.gc import GcReport, collect_garbage
+from .tools.info import CheckpointInfo, TensorInfo, checkpoint_info
+from .tools.manager import CheckpointManager
+from .tools.verify import Problem, VerifyReport, verify_checkpoint
 
 __all__ = [
     "BucketNotFoundError",

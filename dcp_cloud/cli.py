@@ -472,7 +472,7 @@ def cli(verbose: bool) -> None:
 @_common
 def ls_command(url: str, storage_options: dict[str, Any] | None, as_json: bool) -> None:
     """List the checkpoints under URL (a run folder or a bucket), committed or not."""
-    from .catalog import list_checkpoints
+    from .tools.catalog import list_checkpoints
 
     found = list_checkpoints(url, storage_options=storage_options)
     base = _shown(url)
@@ -507,7 +507,7 @@ def ls_command(url: str, storage_options: dict[str, Any] | None, as_json: bool) 
 def info_command(url: str, storage_options: dict[str, Any] | None, as_json: bool) -> None:
     """Show the tensors (name, dtype, shape, size) and other values in the checkpoint at URL.
     Reads only .metadata, through an unpickler that admits DCP's metadata classes alone."""
-    from .info import checkpoint_info
+    from .tools.info import checkpoint_info
 
     info = checkpoint_info(url, storage_options=storage_options)
     if as_json:
@@ -541,7 +541,7 @@ def verify_command(
 ) -> None:
     """Check that every data object of the checkpoint at URL exists with the right size and that
     every item's CRC32C matches the manifest. Exits 1 naming what is wrong."""
-    from .verify import verify_checkpoint
+    from .tools.verify import verify_checkpoint
 
     with _progress(_use_progress(as_json), "verify") as progress:
         report = verify_checkpoint(
@@ -588,7 +588,7 @@ def gc_command(
     url: str, dry_run: bool, grace: float | None, storage_options: dict[str, Any] | None, as_json: bool
 ) -> None:
     """Remove debris under URL: uncommitted saves and stale multipart uploads."""
-    from .gc import DEFAULT_GRACE_SECONDS, collect_garbage
+    from .tools.gc import DEFAULT_GRACE_SECONDS, collect_garbage
 
     report = collect_garbage(
         url,
@@ -636,7 +636,7 @@ def prune_command(
 ) -> None:
     """Delete all but the newest KEEP committed step-* checkpoints under URL (a
     CheckpointManager root). The newest committed step is never deleted."""
-    from .manager import CheckpointManager
+    from .tools.manager import CheckpointManager
 
     manager = CheckpointManager(url, storage_options=storage_options)
     doomed = manager.prune(keep_last=keep, dry_run=dry_run)
@@ -684,7 +684,7 @@ def cp_command(
 ) -> None:
     """Copy the committed checkpoint at SRC to DST (any two URLs or local folders), in
     parallel; DST's .metadata is written last, so DST is never seen half-copied."""
-    from .copier import copy_checkpoint
+    from .tools.copy import copy_checkpoint
 
     with _progress(_use_progress(as_json), "copy") as progress:
         report = copy_checkpoint(
@@ -730,7 +730,7 @@ def convert_command(
 ) -> None:
     """Convert the checkpoint at URL into the local file OUT (loads it whole into memory).
     Non-tensor values load with torch's weights-only rules unless --trust-pickles."""
-    from .convert import flatten_tensors, to_safetensors, to_torch_save
+    from .tools.convert import flatten_tensors, to_safetensors, to_torch_save
 
     skipped: list[str] = []
     trust = _trust(trust_pickles)

@@ -1,7 +1,7 @@
 """Export a DCP checkpoint to safetensors (for inference servers, the Hugging Face Hub, ...).
 
 Saves a model with DCP to an object store, converts the checkpoint to one .safetensors file with
-``dcp_cloud.convert.to_safetensors``, loads that file with ``safetensors`` and checks that every
+``dcp_cloud.tools.convert.to_safetensors``, loads that file with ``safetensors`` and checks that every
 tensor matches. The same conversion on the command line:
 ``dcp-cloud convert s3://bucket/ckpt model.safetensors --format safetensors``.
 
@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dcp_cloud import CloudStorageWriter
-from dcp_cloud.convert import to_safetensors
+from dcp_cloud.tools.convert import to_safetensors
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 

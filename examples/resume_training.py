@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from dcp_cloud.manager import CheckpointManager
+from dcp_cloud.tools.manager import CheckpointManager
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", category=FutureWarning)

@@ -15,12 +15,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner, Result
 
-from dcp_cloud import layout
+from dcp_cloud.checkpoint import layout
+from dcp_cloud.checkpoint.ownership import Intent
 from dcp_cloud.cli import cli
-from dcp_cloud.info import read_metadata
-from dcp_cloud.manager import CheckpointManager
-from dcp_cloud.ownership import Intent
 from dcp_cloud.store import open_store
+from dcp_cloud.tools.info import read_metadata
+from dcp_cloud.tools.manager import CheckpointManager
 
 from .conftest import BUCKET, Target, make_target
 from .helpers import assert_same, zeros_like_state
@@ -156,7 +156,7 @@ def test_verify_finds_a_flipped_byte(target: Target) -> None:
 
 
 def test_verify_carries_checksums_across_ranged_reads(target: Target) -> None:
-    from dcp_cloud.verify import verify_checkpoint
+    from dcp_cloud.tools.verify import verify_checkpoint
 
     dcp.save({"x": torch.randn(4096), "y": torch.randn(10)}, storage_writer=target.writer())
     good = verify_checkpoint(target.url, storage_options=target.storage_options, part_size=1000)

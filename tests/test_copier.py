@@ -20,10 +20,10 @@ from dcp_cloud import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     copy_checkpoint,
-    layout,
     verify_checkpoint,
 )
-from dcp_cloud.manifest import Manifest
+from dcp_cloud.checkpoint import layout
+from dcp_cloud.checkpoint.manifest import Manifest
 from dcp_cloud.options import MIN_PART_SIZE
 from dcp_cloud.store import ObjectStore, open_store
 

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from dcp_cloud.decode import load_tensor
+from dcp_cloud.load.decode import load_tensor
 
 from .test_roundtrip import ALL_DTYPES, _tensor
 

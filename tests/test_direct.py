@@ -13,9 +13,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_cloud import CloudStorageReader, CloudStorageWriter
 from dcp_cloud.buffers import BufferPool
-from dcp_cloud.manifest import Manifest
+from dcp_cloud.checkpoint.manifest import Manifest
+from dcp_cloud.save.upload import ObjectUpload
 from dcp_cloud.store import open_store
-from dcp_cloud.upload import ObjectUpload
 
 from .conftest import Target
 from .helpers import assert_same, failure_text
@@ -96,7 +96,7 @@ def test_large_tensors_land_directly_and_the_rest_is_copied(target: Target) -> N
 def test_small_tensors_are_copied_from_their_payload_without_parsing_the_archive(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dcp_cloud.reader as reader_module
+    import dcp_cloud.load.reader as reader_module
 
     state = {
         **_state(),
@@ -248,7 +248,7 @@ def test_a_destination_view_keeps_its_tensor_alive() -> None:
     import struct
     import weakref
 
-    from dcp_cloud.direct import tensor_memory
+    from dcp_cloud.load.direct import tensor_memory
 
     tensor = torch.zeros(1000)
     alive = weakref.ref(tensor)

@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_cloud import CloudStorageReader, CorruptCheckpointError
-from dcp_cloud.manifest import Manifest
+from dcp_cloud.checkpoint.manifest import Manifest
 from dcp_cloud.testing import S3Server, ServerRequest
 
 from . import dist_worker as dw

@@ -311,7 +311,7 @@ def test_every_field_of_dcp_metadata_passes_the_safe_unpickler() -> None:
         TensorStorageMetadata,
     )
 
-    from dcp_cloud.safe_pickle import load_metadata
+    from dcp_cloud.checkpoint.metadata import load_metadata
 
     props = TensorProperties(
         dtype=torch.bfloat16,

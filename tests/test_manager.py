@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dcp_cloud import CheckpointNotFoundError
-from dcp_cloud import manager as manager_module
-from dcp_cloud.manager import CheckpointManager, delete_step
+from dcp_cloud.save.writer import CloudStorageWriter
 from dcp_cloud.store import open_store
-from dcp_cloud.writer import CloudStorageWriter
+from dcp_cloud.tools import manager as manager_module
+from dcp_cloud.tools.manager import CheckpointManager, delete_step
 
 from .conftest import Target
 

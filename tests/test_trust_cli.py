@@ -251,7 +251,7 @@ def test_errors_become_one_line_and_an_exit_code(
     def boom(*args: Any, **kwargs: Any) -> None:
         raise raised
 
-    monkeypatch.setattr("dcp_cloud.info.checkpoint_info", boom)
+    monkeypatch.setattr("dcp_cloud.tools.info.checkpoint_info", boom)
     result = run("info", "s3://b/x")
     assert result.exit_code == code, everything(result)
     lines = result.stderr.strip().splitlines()
@@ -271,7 +271,7 @@ def test_trust_pickles_is_passed_only_when_asked(monkeypatch: pytest.MonkeyPatch
         Path(out).write_bytes(b"x")
         return {}
 
-    monkeypatch.setattr("dcp_cloud.convert.to_torch_save", fake)
+    monkeypatch.setattr("dcp_cloud.tools.convert.to_torch_save", fake)
     assert run("convert", str(tmp_path), str(tmp_path / "a.pt")).exit_code == 0
     assert run("convert", str(tmp_path), str(tmp_path / "b.pt"), "--trust-pickles").exit_code == 0
     assert "trust_pickles" not in calls[0] and calls[1]["trust_pickles"] is True

@@ -110,7 +110,7 @@ def test_log_records_and_warnings_are_scrubbed_and_one_line(monkeypatch: pytest.
         logging.getLogger("botocore.retryhandler").warning("Falling back to a third-party note.")
         raise RuntimeError("stop")
 
-    monkeypatch.setattr("dcp_cloud.info.checkpoint_info", noisy)
+    monkeypatch.setattr("dcp_cloud.tools.info.checkpoint_info", noisy)
     result = run("info", "s3://b/x", "--storage-options", json.dumps({"secret": SECRET}))
     assert result.exit_code == 1
     assert SECRET not in everything(result)
@@ -136,7 +136,7 @@ def test_json_is_scrubbed_before_it_is_encoded(monkeypatch: pytest.MonkeyPatch) 
         def to_dict(self) -> dict[str, Any]:
             return {"path": "run", "note": f"listed with {secret}", "extra": Path(f"/x/{secret}")}
 
-    monkeypatch.setattr("dcp_cloud.catalog.list_checkpoints", lambda url, **kw: [Found()])
+    monkeypatch.setattr("dcp_cloud.tools.catalog.list_checkpoints", lambda url, **kw: [Found()])
     result = run("ls", "s3://b/x", "--json", "--storage-options", json.dumps({"secret": secret}))
     assert result.exit_code == 0, everything(result)
     doc = json.loads(result.stdout)
@@ -410,7 +410,7 @@ def test_an_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dcp_cloud.verify.verify_checkpoint", interrupted)
+    monkeypatch.setattr("dcp_cloud.tools.verify.verify_checkpoint", interrupted)
     result = run("verify", "s3://b/x")
     assert result.exit_code == 130 and result.stderr.strip() == "dcp-cloud: interrupted"
 

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from dcp_cloud import CheckpointManager, collect_garbage, list_checkpoints
-from dcp_cloud.layout import is_save_id
+from dcp_cloud.checkpoint.layout import is_save_id
 from dcp_cloud.store import open_store
 
 from .conftest import Target, make_target
@@ -162,7 +162,7 @@ def test_prune_deletes_only_the_step_itself(
 
 def _tamper_manifest(store: Any, change: Any) -> None:
     """Rewrite the manifest of the committed save with ``change(doc)`` (or raw bytes)."""
-    from dcp_cloud.safe_pickle import load_metadata
+    from dcp_cloud.checkpoint.metadata import load_metadata
 
     metadata = load_metadata(store.run(store.get(".metadata")), ".metadata")
     key = f"{metadata.storage_meta.save_id}/manifest.json"
@@ -253,7 +253,7 @@ def test_a_garbled_previous_metadata_never_fails_the_save(s3_target: Target) -> 
 def test_gc_honours_a_live_lease_whatever_the_grace(s3_target: Target) -> None:
     """A save whose intent record is renewed is never collected, even with grace 0; once its
     lease runs out (the writer died) it is."""
-    from dcp_cloud.ownership import Intent
+    from dcp_cloud.checkpoint.ownership import Intent
 
     store = _store(s3_target)
     save_id = "save-20260101T000000Z-0123abcd"

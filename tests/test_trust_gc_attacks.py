@@ -627,7 +627,7 @@ def test_symlinks_inside_the_checkpoint_still_load(tmp_path: Path) -> None:
 
 def test_upload_errors_carry_no_secret(tmp_path: Path) -> None:
     from dcp_cloud.buffers import BufferPool
-    from dcp_cloud.upload import ObjectUpload
+    from dcp_cloud.save.upload import ObjectUpload
 
     store = open_store(f"memory://dcp-cloud-tests/{tmp_path.name}/ckpt")
 
@@ -691,7 +691,7 @@ def test_async_save_beside_gc(s3_target: Target) -> None:
 def test_oversized_records_are_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An intent record larger than any writer makes is not read (nor ours); a ``.metadata``
     too large to read keeps everything below its folder."""
-    from dcp_cloud import ownership
+    from dcp_cloud.checkpoint import ownership
 
     monkeypatch.setattr(ownership, "MAX_INTENT_BYTES", 1000)
     monkeypatch.setattr(ownership, "MAX_METADATA_BYTES", 1000)

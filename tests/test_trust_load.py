@@ -28,8 +28,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from dcp_cloud import CloudStorageReader, checkpoint_info, load_full_state_dict, verify_checkpoint
-from dcp_cloud.decode import OutOfBoundsError, load_tensor
 from dcp_cloud.errors import CorruptCheckpointError, UnsafeCheckpointError
+from dcp_cloud.load.decode import OutOfBoundsError, load_tensor
 from dcp_cloud.store import ObjectStore, open_store
 
 from .conftest import Target, make_target

@@ -6,7 +6,7 @@ coroutines on one event loop (fsspec's I/O loop), and callers on ordinary thread
 
 Every operation refuses a key that is not confined to the store's root (``..`` or ``.``
 segments, absolute paths, empty segments, backslashes, schemes: see
-:func:`dcp_cloud.confine.key_problem`) with ``UnsafeCheckpointError`` before any client library
+:func:`dcp_cloud.store.keys.key_problem`) with ``UnsafeCheckpointError`` before any client library
 sees it, so no caller can reach another folder, bucket or container however a library
 normalizes names.
 
@@ -32,10 +32,10 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import fsspec.asyn
 
-from ..confine import key_problem
 from ..errors import StoreUnavailableError, UnsafeCheckpointError
 from ..options import RETRY_WINDOW
 from ..stats import RequestCounter
+from .keys import key_problem
 
 T = TypeVar("T")
 

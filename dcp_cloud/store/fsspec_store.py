@@ -14,9 +14,9 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from .. import layout
 from ..errors import BucketNotFoundError, StoreAccessError
 from .base import MultipartUpload, ObjectInfo, ObjectStore
+from .keys import join
 
 
 class _OrderedStream:
@@ -44,7 +44,7 @@ class FsspecStore(ObjectStore):
         self._holds_uploads = _commits_on_open(fs)
 
     def path(self, key: str) -> str:
-        return layout.join(self.root, key)
+        return join(self.root, key)
 
     def _translate(self, exc: BaseException, key: str) -> BaseException:
         """Map a backend error to ours, naming the object."""

@@ -22,9 +22,9 @@ import re
 import secrets
 from typing import Any
 
-from .. import layout
 from ..errors import StoreAccessError, UnsafeCheckpointError, UploadError
 from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload
+from .keys import join
 
 # In-place writes larger than this are split over several threads.
 _WRITE_CHUNK = 8 * 1024 * 1024
@@ -73,7 +73,7 @@ class LocalStore(ObjectStore):
                 f"{self.url}: refusing the key {key!r}, which leads outside the folder; keys are "
                 "relative paths without '..' segments"
             )
-        return layout.join(self.root, key)
+        return join(self.root, key)
 
     def path(self, key: str) -> str:
         """The file of ``key``; a key that would leave the root (``..``, absolute, or a folder

@@ -1,4 +1,4 @@
-"""dcp_cloud.confine: the one check for keys that come from a checkpoint's own files."""
+"""dcp_cloud.checkpoint.confine: the one check for keys that come from a checkpoint's own files."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcp_cloud.confine import MAX_KEY_LENGTH, confine_key, confine_keys, is_confined, key_problem
+from dcp_cloud.checkpoint.confine import confine_key, confine_keys, is_confined
 from dcp_cloud.errors import CorruptCheckpointError, DcpCloudError, UnsafeCheckpointError
+from dcp_cloud.store.keys import MAX_KEY_LENGTH, key_problem
 
 CONFINED = [
     ".metadata",

@@ -1,4 +1,4 @@
-"""dcp_cloud.fetch: which byte ranges a load reads, and how a range is cut into requests."""
+"""dcp_cloud.load.plan: which byte ranges a load reads, and how a range is cut into requests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-from dcp_cloud.fetch import FetchRange, StoredItem, plan_fetches, split_range
+from dcp_cloud.load.plan import FetchRange, StoredItem, plan_fetches, split_range
 
 
 class Plan:

@@ -1,4 +1,4 @@
-"""dcp_cloud.layout: the keys a checkpoint is made of, and the rank prefix strategies."""
+"""dcp_cloud.checkpoint.layout: the keys a checkpoint is made of, and the rank prefix strategies."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcp_cloud import layout
-from dcp_cloud.confine import is_confined
-from dcp_cloud.layout import HashPrefix, ReversedRankPrefix, rank_file_prefix
+from dcp_cloud.checkpoint import layout
+from dcp_cloud.checkpoint.confine import is_confined
+from dcp_cloud.checkpoint.layout import HashPrefix, ReversedRankPrefix, rank_file_prefix
+from dcp_cloud.store.keys import join
 
 SAVE_ID = "save-20261122T200102Z-3f9a1c0b"
 
@@ -75,9 +76,9 @@ def test_keys_outside_a_save_have_no_save_id(key: str) -> None:
 
 
 def test_join() -> None:
-    assert layout.join("", "a/b") == "a/b"
-    assert layout.join("bucket/run", "a/b") == "bucket/run/a/b"
-    assert layout.join("bucket/run/", ".metadata") == "bucket/run/.metadata"
+    assert join("", "a/b") == "a/b"
+    assert join("bucket/run", "a/b") == "bucket/run/a/b"
+    assert join("bucket/run/", ".metadata") == "bucket/run/.metadata"
 
 
 @pytest.mark.parametrize("width", [0, 9, -1])

@@ -1,4 +1,4 @@
-"""dcp_cloud.manifest: the manifest document, its round trip and its schema."""
+"""dcp_cloud.checkpoint.manifest: the manifest document, its round trip and its schema."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from dcp_cloud.errors import CorruptCheckpointError, UnsafeCheckpointError
-from dcp_cloud.manifest import (
+from dcp_cloud.checkpoint.manifest import (
     FORMAT,
     VERSION,
     ItemRecord,
@@ -18,6 +17,7 @@ from dcp_cloud.manifest import (
     PayloadRecord,
     UnsafeManifestError,
 )
+from dcp_cloud.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 SAVE_ID = "save-20261122T200102Z-3f9a1c0b"
 KEY = f"{SAVE_ID}/__0_0.distcp"

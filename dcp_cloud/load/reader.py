@@ -1,4 +1,14 @@
-"""CloudStorageReader: DCP's StorageReader for object stores, with concurrent ranged reads."""
+"""CloudStorageReader: DCP's StorageReader for object stores, with concurrent ranged reads.
+
+Data flow: ``read_metadata`` reads ``.metadata`` through the restricted unpickler and the
+manifest beside it. ``read_data`` turns the plan's ReadItems into byte ranges
+(:func:`~dcp_cloud.load.plan.plan_fetches`); ranges whose tensor can be read straight into its
+destination take the direct route (:mod:`dcp_cloud.load.direct`), the rest are fetched into
+pooled buffers within the memory budget. As each fetch completes, its items are checked against
+their CRC32C and decoded (:func:`~dcp_cloud.load.decode.load_tensor`) into the planner's
+tensors, or, for non-tensor items, made safe (:mod:`dcp_cloud.checkpoint.items`) and handed to
+the planner, while the next ranges download.
+"""
 
 from __future__ import annotations
 
@@ -22,23 +32,24 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from . import layout
-from .buffers import ByteBudget, ReadBuffers
-from .connection import StoreConnection
-from .decode import load_tensor
-from .direct import DirectReads, tensor_memory
-from .errors import (
+from ..buffers import ByteBudget, ReadBuffers
+from ..checkpoint import layout
+from ..checkpoint.items import safe_item_bytes
+from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
+from ..checkpoint.metadata import load_metadata
+from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     UnsafeCheckpointError,
 )
-from .fetch import FetchRange, StoredItem, plan_fetches, split_range
-from .manifest import ItemRecord, Manifest, PayloadRecord
-from .options import MiB, TransferOptions
-from .safe_pickle import load_metadata, safe_item_bytes
-from .stats import StatsRecorder, TransferStats
-from .urls import redact_url
+from ..options import MiB, TransferOptions
+from ..stats import StatsRecorder, TransferStats
+from ..store.connection import StoreConnection
+from ..urls import redact_url
+from .decode import load_tensor
+from .direct import DirectReads, tensor_memory
+from .plan import FetchRange, StoredItem, plan_fetches, split_range
 
 logger = logging.getLogger("dcp_cloud")
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from fsspec import AbstractFileSystem
 
-from .errors import CorruptCheckpointError, DcpCloudError, StoreConfigError
-from .reader import CloudStorageReader
-from .urls import redact_url
+from ..errors import CorruptCheckpointError, DcpCloudError, StoreConfigError
+from ..load.reader import CloudStorageReader
+from ..urls import redact_url
 
 
 def load_full_state_dict(

@@ -29,14 +29,14 @@ import torch.distributed.checkpoint as dcp
 from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
-from . import ownership
+from ..checkpoint import ownership
+from ..checkpoint.ownership import is_metadata_name
+from ..errors import CheckpointNotFoundError, DcpCloudError
+from ..load.reader import CloudStorageReader
+from ..save.writer import CloudStorageWriter
+from ..store import ObjectStore, open_store
+from ..urls import redact_url
 from .catalog import summarize
-from .errors import CheckpointNotFoundError, DcpCloudError
-from .ownership import is_metadata_name
-from .reader import CloudStorageReader
-from .store import ObjectStore, open_store
-from .urls import redact_url
-from .writer import CloudStorageWriter
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -71,7 +71,7 @@ def committed_steps(store: ObjectStore) -> list[int]:
 def delete_step(store: ObjectStore, step: int) -> int:
     """Delete one step's checkpoint: its ``.metadata`` files first (so that a partial deletion
     never leaves something that looks committed), then the saves of ours directly in its folder
-    (see :mod:`dcp_cloud.ownership`). A checkpoint nested in the step's folder, user files there,
+    (see :mod:`dcp_cloud.checkpoint.ownership`). A checkpoint nested in the step's folder, user files there,
     objects of other tools and a save in flight (live lease) are kept. Returns the number of
     objects deleted."""
     folder = step_folder(step)

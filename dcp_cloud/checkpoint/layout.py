@@ -7,7 +7,7 @@ A checkpoint at ``<url>`` holds, relative to that prefix::
     <save_id>/__<rank>_<n>.distcp      data objects of one save, packed torch.save items
     <save_id>/manifest.json            our manifest: sizes and CRC32C of every item
     <save_id>/intent.json              our intent record while the save runs: the data keys it
-                                       will write and its lease (see dcp_cloud.ownership)
+                                       will write and its lease (see dcp_cloud.checkpoint.ownership)
 
 Every save writes its data under a fresh ``save_id``, so a save never overwrites bytes that a
 committed ``.metadata`` points to. Keys are POSIX and relative, exactly what torch's
@@ -22,7 +22,7 @@ import secrets
 import time
 from collections.abc import Callable
 
-from .confine import key_problem
+from ..store.keys import key_problem
 
 METADATA_KEY = ".metadata"
 MANIFEST_NAME = "manifest.json"
@@ -70,13 +70,6 @@ def save_id_of_key(key: str) -> str | None:
     if sep and is_save_id(head):
         return head
     return None
-
-
-def join(root: str, key: str) -> str:
-    """Join a store root path and a relative key."""
-    if not root:
-        return key
-    return f"{root.rstrip('/')}/{key}"
 
 
 class HashPrefix:

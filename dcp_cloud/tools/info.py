@@ -11,10 +11,10 @@ import torch
 from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from . import layout
-from .errors import CheckpointNotFoundError, IncompleteCheckpointError
-from .safe_pickle import load_metadata
-from .store import ObjectStore, open_store
+from ..checkpoint import layout
+from ..checkpoint.metadata import load_metadata
+from ..errors import CheckpointNotFoundError, IncompleteCheckpointError
+from ..store import ObjectStore, open_store
 
 
 @dataclass(frozen=True)

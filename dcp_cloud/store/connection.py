@@ -7,9 +7,10 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from .options import TransferOptions
-from .store import ObjectStore, open_store
-from .urls import is_usable_url, normalize_url
+from ..options import TransferOptions
+from ..urls import is_usable_url, normalize_url
+from .base import ObjectStore
+from .registry import open_store
 
 
 class StoreConnection:

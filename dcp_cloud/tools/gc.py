@@ -3,7 +3,7 @@
 A save that crashed or lost its commit leaves data objects under its save folder that no
 ``.metadata`` references, and possibly uploads that were never completed or aborted.
 ``collect_garbage`` finds them under a prefix (one checkpoint, or a run holding many) and removes
-only what :mod:`dcp_cloud.ownership` proves dcp_cloud wrote: saves whose own records (intent,
+only what :mod:`dcp_cloud.checkpoint.ownership` proves dcp_cloud wrote: saves whose own records (intent,
 manifest) account for every object deleted, that no committed ``.metadata`` anywhere under the
 prefix references, whose lease has run out (a save in flight renews it), and whose newest object
 is older than a grace period. User files, checkpoints of other tools and folders that merely look
@@ -20,8 +20,8 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from . import ownership
-from .store import open_store
+from ..checkpoint import ownership
+from ..store import open_store
 
 logger = logging.getLogger("dcp_cloud")
 

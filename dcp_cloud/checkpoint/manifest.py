@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from .confine import key_problem
-from .errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+from ..store.keys import key_problem
 
 FORMAT = "dcp_cloud.manifest"
 VERSION = 2  # 2: item payloads and the writer's byte order

@@ -1,4 +1,13 @@
-"""CloudStorageWriter: DCP's StorageWriter for object stores, with an atomic commit."""
+"""CloudStorageWriter: DCP's StorageWriter for object stores, with an atomic commit.
+
+Data flow: ``prepare_global_plan`` (coordinator) gives each rank a key prefix under a fresh save
+id and records the save's intent and lease. ``write_data`` (every rank) serializes the
+planner's items with ``torch.save`` into :class:`~dcp_cloud.save.upload.ObjectUpload` streams,
+one data object per ``object_size`` bytes, each item aligned and checksummed (CRC32C) as it
+passes. ``finish`` (coordinator) gathers every rank's results into the manifest, writes it,
+then writes ``.metadata`` with one PUT, the commit; only after that does it release the intent
+and delete the generation the new checkpoint replaced.
+"""
 
 from __future__ import annotations
 
@@ -24,19 +33,19 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import layout
-from ._version import __version__
-from .buffers import BufferPool
-from .confine import is_confined
-from .connection import StoreConnection
-from .errors import CheckpointExistsError, DcpCloudError
-from .manifest import ItemRecord, Manifest, PayloadRecord
-from .options import WRITER_MEMORY_BUDGET, TransferOptions
-from .ownership import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS, Heartbeat, Intent, read_save
-from .safe_pickle import load_metadata
-from .stats import StatsRecorder, TransferStats
+from .._version import __version__
+from ..buffers import BufferPool
+from ..checkpoint import layout
+from ..checkpoint.confine import is_confined
+from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
+from ..checkpoint.metadata import load_metadata
+from ..checkpoint.ownership import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS, Heartbeat, Intent, read_save
+from ..errors import CheckpointExistsError, DcpCloudError
+from ..options import WRITER_MEMORY_BUDGET, TransferOptions
+from ..stats import StatsRecorder, TransferStats
+from ..store.connection import StoreConnection
+from ..urls import redact_url
 from .upload import ObjectUpload
-from .urls import redact_url
 
 logger = logging.getLogger("dcp_cloud")
 

@@ -1,4 +1,10 @@
-"""Planning a load's reads: which byte ranges of which objects, coalesced."""
+"""Planning a load's reads: which byte ranges of which objects, coalesced.
+
+Data flow: the load plan's ReadItems and the metadata's locators go in; each ReadItem is mapped
+to the stored item it lies in (several ReadItems of one item share it), the stored items of each
+object are sorted by offset and merged with their neighbours into :class:`FetchRange` s, and
+the reader fetches and decodes each range once. Nothing here touches a store.
+"""
 
 from __future__ import annotations
 

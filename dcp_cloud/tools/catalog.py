@@ -20,9 +20,10 @@ from typing import Any
 
 from fsspec import AbstractFileSystem
 
-from . import layout
-from .ownership import is_metadata_name
-from .store import ObjectInfo, open_store
+from ..checkpoint import layout
+from ..checkpoint.ownership import is_metadata_name
+from ..store import ObjectInfo, open_store
+from ..store.keys import join
 
 COMMITTED = "committed"
 INCOMPLETE = "incomplete"
@@ -115,7 +116,7 @@ def summarize(objects: Iterable[ObjectInfo]) -> list[CheckpointSummary]:
             groups.setdefault(folder, []).append(obj)
     found = []
     for folder, members in groups.items():
-        marker = layout.join(folder, layout.METADATA_KEY)
+        marker = join(folder, layout.METADATA_KEY)
         commit = next((m for m in members if m.key == marker), None)
         times = [m.modified for m in members if m.modified is not None]
         found.append(

@@ -17,6 +17,11 @@ records instead:
 
 Records are read before any ``.metadata``: a save that commits while a scan runs either still
 shows its live intent, or its commit is visible to the ``.metadata`` reads that follow.
+
+Data flow: the writer records an :class:`Intent` and keeps it alive with a :class:`Heartbeat`
+while it saves; gc, prune and overwrite cleanup call :func:`scan`, which lists the prefix, reads
+each save folder's records (:func:`read_save`) and then every ``.metadata`` it found, and
+:func:`collectable` decides per save from that :class:`Scan` whether it may go.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._version import __version__
+from ..store import ObjectInfo, ObjectStore, PendingUpload
+from ..store.keys import join
 from . import layout
-from ._version import __version__
 from .confine import is_confined
 from .manifest import Manifest
-from .safe_pickle import load_metadata
-from .store import ObjectInfo, ObjectStore, PendingUpload
+from .metadata import load_metadata
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -175,7 +181,7 @@ class SaveFolder:
 
     @property
     def path(self) -> str:
-        return layout.join(self.folder, self.save_id)
+        return join(self.folder, self.save_id)
 
     @property
     def proven(self) -> bool:
@@ -184,8 +190,8 @@ class SaveFolder:
     def record_keys(self) -> set[str]:
         """Keys of the records (relative to the store root), listed or not."""
         return {
-            layout.join(self.folder, layout.intent_key(self.save_id)),
-            layout.join(self.folder, layout.manifest_key(self.save_id)),
+            join(self.folder, layout.intent_key(self.save_id)),
+            join(self.folder, layout.manifest_key(self.save_id)),
         }
 
     def accounts_for(self, key: str) -> bool:
@@ -206,12 +212,12 @@ class SaveFolder:
     def marker_keys(self) -> list[str]:
         """The ``.metadata`` keys that would commit this save: ``.metadata`` in its checkpoint
         folder, and ``__<rank>.metadata`` when all its data comes from one rank."""
-        keys = [layout.join(self.folder, layout.METADATA_KEY)]
+        keys = [join(self.folder, layout.METADATA_KEY)]
         prefixes = set(self.intent.file_prefixes) if self.intent is not None else set()
         prefixes.update(m.group(1) for m in map(_DATA_NAME.match, (o.key for o in self.owned)) if m)
         ranks = {m.group(1) for m in map(_RANK_PREFIX.search, prefixes) if m}
         if len(ranks) == 1:
-            keys.append(layout.join(self.folder, layout.metadata_key(int(ranks.pop()))))
+            keys.append(join(self.folder, layout.metadata_key(int(ranks.pop()))))
         return keys
 
     def lease_live(self, now: float) -> bool:
@@ -301,7 +307,7 @@ def _load_records(
     missing, malformed, oversized (by the listed ``sizes``) or names another save proves
     nothing."""
     sizes = sizes or {}
-    intent_key = layout.join(save.folder, layout.intent_key(save.save_id))
+    intent_key = join(save.folder, layout.intent_key(save.save_id))
     data = _read(store, intent_key) if intent and _fits(sizes.get(intent_key), MAX_INTENT_BYTES) else None
     if data is not None:
         try:
@@ -313,7 +319,7 @@ def _load_records(
             logger.warning(
                 "%s/%s is not a dcp_cloud intent record (%s); not ours", store.url, intent_key, exc
             )
-    manifest_key = layout.join(save.folder, layout.manifest_key(save.save_id))
+    manifest_key = join(save.folder, layout.manifest_key(save.save_id))
     data = _read(store, manifest_key) if _fits(sizes.get(manifest_key), MAX_MANIFEST_BYTES) else None
     if data is not None:
         try:
@@ -359,7 +365,7 @@ def _read_references(store: ObjectStore, key: str, scan: Scan, size: int | None 
     if isinstance(own_id, str) and layout.is_save_id(own_id):
         save_ids.add(own_id)
     scan.referenced_saves.update((folder, sid) for sid in save_ids if sid)
-    scan.referenced.update(layout.join(folder, path) for path in paths)
+    scan.referenced.update(join(folder, path) for path in paths)
 
 
 def scan(store: ObjectStore, prefix: str = "", retiring: Callable[[str], bool] | None = None) -> Scan:

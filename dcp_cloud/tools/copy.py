@@ -6,7 +6,7 @@ only after all of them are in place: until then the destination shows nothing ne
 after a save that has not committed. Objects of replaced generations and debris are not copied.
 
 Every key copied comes from the source's own files (``.metadata`` locators, the manifest's
-save id), so each is confined to the checkpoint (:func:`dcp_cloud.confine.confine_key`) before
+save id), so each is confined to the checkpoint (:func:`dcp_cloud.checkpoint.confine.confine_key`) before
 anything is read or written; on a local folder, source or destination, the resolved path of
 each object (symbolic links followed) must also lie inside that folder.
 """
@@ -24,15 +24,15 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.metadata import Metadata
 
-from . import layout
-from .confine import confine_key, is_confined
-from .errors import CheckpointExistsError, CorruptCheckpointError, DcpCloudError, UnsafeCheckpointError
+from ..checkpoint import layout
+from ..checkpoint.confine import confine_key, is_confined
+from ..checkpoint.manifest import Manifest
+from ..checkpoint.metadata import load_metadata
+from ..errors import CheckpointExistsError, CorruptCheckpointError, DcpCloudError, UnsafeCheckpointError
+from ..options import MiB
+from ..store import ObjectStore, open_store
+from ..store.local import LocalStore
 from .info import read_metadata
-from .manifest import Manifest
-from .options import MiB
-from .safe_pickle import load_metadata
-from .store import ObjectStore, open_store
-from .store.local import LocalStore
 
 logger = logging.getLogger("dcp_cloud")
 

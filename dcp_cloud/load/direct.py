@@ -17,9 +17,9 @@ import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
 
+from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
 from .decode import RECORD_ALIGNMENT
-from .fetch import StoredItem
-from .manifest import ItemRecord, Manifest, PayloadRecord
+from .plan import StoredItem
 
 
 class DirectReads:

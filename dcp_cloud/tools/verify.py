@@ -26,12 +26,12 @@ import crc32c
 from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.metadata import Metadata
 
-from . import layout
-from .errors import CorruptCheckpointError
+from ..checkpoint import layout
+from ..checkpoint.manifest import ItemRecord, Manifest
+from ..errors import CorruptCheckpointError
+from ..options import MiB
+from ..store import ObjectStore, open_store
 from .info import read_metadata
-from .manifest import ItemRecord, Manifest
-from .options import MiB
-from .store import ObjectStore, open_store
 
 MISSING = "missing"
 SIZE = "size"

@@ -18,12 +18,12 @@ from typing import Any
 import crc32c
 import torch
 
-from .buffers import BufferPool
-from .errors import DcpCloudError, UploadError
-from .manifest import PayloadRecord
-from .store import MultipartUpload, ObjectStore
-from .store.base import WritesInPlace
-from .urls import scrub_text
+from ..buffers import BufferPool
+from ..checkpoint.manifest import PayloadRecord
+from ..errors import DcpCloudError, UploadError
+from ..store import MultipartUpload, ObjectStore
+from ..store.base import WritesInPlace
+from ..urls import scrub_text
 
 
 class ObjectUpload:

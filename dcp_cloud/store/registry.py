@@ -1,0 +1,202 @@
+"""Opening the right store for a URL: the registry from URL scheme or filesystem class to backend."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+from ..errors import DcpCloudError, StoreConfigError, StoreUnavailableError
+from ..urls import has_credentials, normalize_url, redact_url, scrub_text, secret_values, url_scheme
+from .base import ObjectStore
+from .fsspec_store import FsspecStore
+from .local import LocalStore
+
+logger = logging.getLogger("dcp_cloud")
+
+# The extra of dcp-cloud that installs each scheme's fsspec backend.
+_EXTRAS = {
+    "s3": "s3",
+    "s3a": "s3",
+    "gs": "gcs",
+    "gcs": "gcs",
+    "az": "azure",
+    "abfs": "azure",
+    "abfss": "azure",
+    "adl": "azure",
+}
+
+
+def open_store(
+    url: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    filesystem: AbstractFileSystem | None = None,
+    max_concurrency: int = 16,
+    max_attempts: int = 10,
+    deadline: float | None = None,
+    retry_window: float | None = None,
+) -> ObjectStore:
+    """The store for ``url``: S3 via s3fs, local folders, or any other fsspec filesystem.
+
+    ``max_attempts`` bounds the tries of each request (botocore's standard retry mode for S3);
+    ``deadline`` bounds the seconds each request may take, its retries included;
+    ``retry_window`` (None: the store's default) bounds the seconds after a request's first
+    failure within which it is tried again.
+
+    The URL is first put in normal form by :func:`dcp_cloud.urls.normalize_url`, the single rule
+    for every store, so the keys used are the keys messages show:
+
+    - credentials as URL user-info (``s3://KEY:SECRET@bucket/run``) are refused with a
+      :class:`StoreConfigError` that tells you to pass them in ``storage_options`` or the
+      store's environment variables; they are never echoed. Azure's
+      ``abfs://container@account.dfs.core.windows.net/...`` is an authority, not user-info;
+    - a query string (``?...``) is refused: SAS tokens and other options go in
+      ``storage_options``;
+    - ``.``, ``..`` and empty (``//``) path segments are refused on object stores, where they
+      would become literal parts of keys; trailing ``/`` are dropped;
+    - a local path (plain, ``file://``) is made absolute with :func:`os.path.abspath`.
+    """
+    local_paths = filesystem is None or _is_local(filesystem)
+    url = normalize_url(url, local_paths)
+    shown = redact_url(url)
+    scheme = url_scheme(url)
+    secrets = secret_values(storage_options or {})
+    _check_endpoint(storage_options or {}, shown)
+    if filesystem is None:
+        options = dict(storage_options or {})
+        if scheme in ("s3", "s3a"):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("max_pool_connections", max(10, max_concurrency))
+            config.setdefault("retries", {"mode": "standard", "total_max_attempts": max_attempts})
+            options["config_kwargs"] = config
+        if scheme in ("gs", "gcs"):
+            _prepare_gcsfs(options)
+        try:
+            filesystem, root = fsspec.core.url_to_fs(url, **options)
+        except ImportError as exc:
+            extra = _EXTRAS.get(scheme)
+            hint = (
+                f"pip install 'dcp-cloud[{extra}]'"
+                if extra
+                else f"install the fsspec backend for {scheme}://"
+            )
+            raise StoreConfigError(
+                f"{shown}: the {scheme}:// backend is not installed ({scrub_text(str(exc), secrets)}). "
+                f"Run: {hint}"
+            ) from None
+        except ValueError as exc:
+            if "protocol" in str(exc).lower():
+                raise StoreConfigError(
+                    f"{shown}: unknown URL scheme {scheme!r}. Use s3://, gs://, az://, abfs://, "
+                    "file://, memory://, a local path, or any scheme an installed fsspec backend "
+                    "provides."
+                ) from None
+            raise StoreConfigError(f"{shown}: {scrub_text(str(exc), secrets)}") from None
+        except TypeError as exc:
+            raise StoreConfigError(
+                f"{shown}: storage_options were not accepted by the {scheme}:// backend "
+                f"({scrub_text(str(exc), secrets)})"
+            ) from None
+        except Exception as exc:  # a backend that checks its credentials while it is built
+            raise _setup_error(exc, shown, scheme, secrets) from None
+    else:
+        root = filesystem._strip_protocol(url)
+
+    store: ObjectStore
+    if _is_local(filesystem):
+        store = LocalStore(shown, root, max_concurrency)
+    elif type(filesystem).__name__ == "S3FileSystem":
+        from .s3 import S3Store
+
+        bucket = filesystem.split_path(root)[0]
+        if not bucket:
+            raise StoreConfigError(f"{shown}: the URL names no bucket; use s3://BUCKET/PREFIX")
+        store = S3Store(filesystem, shown, root, max_concurrency, max_attempts)
+    elif _is_instance_of(filesystem, "gcsfs", "GCSFileSystem"):
+        from .gcs import GCSStore
+
+        if not filesystem.split_path(root)[0]:
+            raise StoreConfigError(f"{shown}: the URL names no bucket; use gs://BUCKET/PREFIX")
+        store = GCSStore(filesystem, shown, root, max_concurrency, max_attempts)
+    elif _is_instance_of(filesystem, "adlfs", "AzureBlobFileSystem"):
+        from .azure import AzureBlobStore
+
+        if not filesystem.split_path(root)[0]:
+            raise StoreConfigError(f"{shown}: the URL names no container; use az://CONTAINER/PREFIX")
+        store = AzureBlobStore(filesystem, shown, root, max_concurrency, max_attempts)
+    else:
+        store = FsspecStore(filesystem, shown, root, max_concurrency)
+    store.deadline = deadline
+    if retry_window is not None:
+        store.retry_window = retry_window
+    return store
+
+
+def _check_endpoint(options: dict[str, Any], shown: str) -> None:
+    """Refuse an ``endpoint_url`` that is not a string or that carries user-info credentials:
+    clients either reject those late with an obscure error or send them on every request."""
+    endpoint = options.get("endpoint_url")
+    if endpoint is None:
+        return
+    if not isinstance(endpoint, str):
+        raise StoreConfigError(
+            f"{shown}: storage_options['endpoint_url'] must be a string such as "
+            f"'http://127.0.0.1:9000', not {type(endpoint).__name__}"
+        )
+    if has_credentials(endpoint) or "?" in endpoint:
+        raise StoreConfigError(
+            f"{shown}: storage_options['endpoint_url'] ({redact_url(endpoint)}) carries "
+            "credentials or a query string; give only scheme, host and port, and pass "
+            "credentials as their own options (S3: key/secret) or environment variables."
+        )
+
+
+def _setup_error(exc: Exception, shown: str, scheme: str, secrets: list[str]) -> DcpCloudError:
+    """A scrubbed error of ours for a backend that failed while it was being built."""
+    text = scrub_text(f"{type(exc).__name__}: {exc}", secrets)
+    if isinstance(exc, (ConnectionError, TimeoutError)) or "Connection" in type(exc).__name__:
+        return StoreUnavailableError(
+            f"{shown}: the {scheme}:// backend could not reach its service while starting "
+            f"({text}). Check the network, the endpoint and the credentials in storage_options."
+        )
+    return StoreConfigError(
+        f"{shown}: the {scheme}:// backend could not be set up with these storage_options "
+        f"({text}). Check the credentials and options."
+    )
+
+
+def _is_local(filesystem: AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(filesystem, LocalFileSystem)
+
+
+def _is_instance_of(filesystem: AbstractFileSystem, module: str, class_name: str) -> bool:
+    """Whether ``filesystem`` is (a subclass of) ``module.class_name``, without importing it."""
+    loaded = sys.modules.get(module)
+    cls = getattr(loaded, class_name, None) if loaded is not None else None
+    return isinstance(cls, type) and isinstance(filesystem, cls)
+
+
+def _prepare_gcsfs(options: dict[str, Any]) -> None:
+    """Switch off gcsfs's zonal-bucket probe for plain-HTTP endpoints (emulators).
+
+    gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when it is imported; with it on, every request
+    to an http:// endpoint first waits ~60 s on a gRPC probe that no emulator answers.
+    """
+    endpoint = str(options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST") or "")
+    if not endpoint.startswith("http://"):
+        return
+    if "gcsfs" not in sys.modules:
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    elif os.environ.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "true").lower() in ("true", "1"):
+        logger.warning(
+            "gcsfs was imported with GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT on; requests to the "
+            "plain-HTTP endpoint %s may stall ~60 s each. Set GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false "
+            "before importing gcsfs.",
+            redact_url(endpoint),
+        )
