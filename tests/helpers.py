@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 
@@ -54,3 +57,13 @@ def zeros_like_state(state: Any) -> Any:
     if isinstance(state, list):
         return [zeros_like_state(v) for v in state]
     return None
+
+
+def put_torch_checkpoint(store: Any, folder: str, state: dict[str, Any], tmp_path: Path) -> None:
+    """Save ``state`` with torch's own FileSystemWriter and upload its files to ``folder`` of
+    ``store``: a checkpoint written by another tool."""
+    local = tmp_path / f"torch-{folder.replace('/', '-')}"
+    dcp.save(state, storage_writer=FileSystemWriter(str(local)))
+    for path in local.rglob("*"):
+        if path.is_file():
+            store.run(store.put(f"{folder}/{path.relative_to(local).as_posix()}", path.read_bytes()))

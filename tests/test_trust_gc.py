@@ -20,14 +20,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 
 from dcp_cloud import CheckpointManager, collect_garbage, list_checkpoints
 from dcp_cloud.checkpoint.layout import is_save_id
 from dcp_cloud.store import open_store
 
 from .conftest import Target, make_target
-from .helpers import assert_same
+from .helpers import assert_same, put_torch_checkpoint
 
 FORGED = "save-20261122T200102Z-3f9a1c0b"  # the exact form of a save id, but no records of ours
 
@@ -50,15 +49,6 @@ def _snapshot(store: Any) -> dict[str, bytes]:
     return {o.key: store.run(store.get(o.key)) for o in store.run(store.list_objects(""))}
 
 
-def _torch_checkpoint(store: Any, folder: str, tmp_path: Path) -> None:
-    """A checkpoint written by torch's own FileSystemWriter, placed at ``folder``."""
-    local = tmp_path / f"torch-{folder.replace('/', '-')}"
-    dcp.save(_state(7.0), storage_writer=FileSystemWriter(str(local)))
-    for path in local.rglob("*"):
-        if path.is_file():
-            store.run(store.put(f"{folder}/{path.relative_to(local).as_posix()}", path.read_bytes()))
-
-
 def _plant_foreign(target: Target, tmp_path: Path) -> None:
     """Everything a user may keep beside our checkpoints, none of it ours."""
     store = _store(target)
@@ -73,7 +63,7 @@ def _plant_foreign(target: Target, tmp_path: Path) -> None:
         store.run(store.put(key, data))
     for name in ("run/save-best", "save-experiments/a", "save-experiments/b"):
         dcp.save(_state(3.0), storage_writer=target.child(name).writer())
-    _torch_checkpoint(store, "torch-ckpt", tmp_path)
+    put_torch_checkpoint(store, "torch-ckpt", _state(7.0), tmp_path)
 
 
 def _debris(target: Target) -> set[str]:
@@ -140,7 +130,7 @@ def test_prune_deletes_only_the_step_itself(
         f"{step1}/{FORGED}/user.bin": b"mine",
     }.items():
         store.run(store.put(key, data))
-    _torch_checkpoint(store, f"{step1}/torch-eval", tmp_path)
+    put_torch_checkpoint(store, f"{step1}/torch-eval", _state(7.0), tmp_path)
     kept_folders = (f"{step1}/eval/", f"{step1}/torch-eval/", f"{step1}/save-photos/", f"{step1}/{FORGED}/")
     keep = {
         k: v

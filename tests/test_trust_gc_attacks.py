@@ -20,14 +20,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
 
 from dcp_cloud import CloudStorageWriter, HashPrefix, collect_garbage, list_checkpoints
 from dcp_cloud.errors import UnsafeCheckpointError, UploadError
 from dcp_cloud.store import open_store
 
 from .conftest import Target, make_target
-from .helpers import assert_same, failure_text
+from .helpers import assert_same, failure_text, put_torch_checkpoint
 
 SID = "save-20260101T000000Z-0123abcd"  # strict save-id form
 SID2 = "save-20260101T000000Z-4567ef01"
@@ -79,15 +78,6 @@ def _manifest(save_id: str, objects: list[str], replaced: list[str] | None = Non
         "replaced": replaced or [],
     }
     return json.dumps(doc).encode()
-
-
-def _torch_checkpoint(store: Any, folder: str, tmp_path: Path) -> None:
-    """A checkpoint written by torch's own FileSystemWriter, placed at ``folder``."""
-    local = tmp_path / f"torch-{folder.replace('/', '-')}"
-    dcp.save(_state(7.0), storage_writer=FileSystemWriter(str(local)))
-    for path in local.rglob("*"):
-        if path.is_file():
-            store.run(store.put(f"{folder}/{path.relative_to(local).as_posix()}", path.read_bytes()))
 
 
 # -- forged records ----------------------------------------------------------------------------
@@ -189,7 +179,7 @@ def test_checkpoint_nested_inside_a_dead_save_folder_survives(
     store = _store(root)
     nested = f"{SID}/eval"
     if writer == "torch":
-        _torch_checkpoint(store, nested, tmp_path)
+        put_torch_checkpoint(store, nested, _state(7.0), tmp_path)
     else:
         dcp.save(_state(7.0), storage_writer=root.child(nested).writer())
     store.run(store.put(f"{SID}/__0_0.distcp", b"dead data"))
