@@ -5,6 +5,11 @@ into the destination. Here the zip archive torch.save writes is read in place: t
 storage is a view of the fetched bytes, so the only copy is the one into the destination. Anything
 unexpected (compressed records, another byte order, objects other than one dense tensor) falls
 back to ``torch.load(weights_only=True)``.
+
+Data flow: the reader hands :func:`load_tensor` one buffered item's bytes (a view of its fetch
+buffer) when the manifest records no payload to locate the tensor by; the tensor returned (a
+view of those bytes, or on fallback its own copy) is copied into the planner's destination
+before the buffer is reused.
 """
 
 from __future__ import annotations

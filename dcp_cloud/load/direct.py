@@ -5,6 +5,12 @@ inside it, and dcp_cloud's manifest records where. When the load plan wants the 
 tensor and the destination is a contiguous CPU tensor of the same dtype and size, the payload is
 fetched straight into the destination's memory: no fetch buffer, no decode, no copy. The rest of
 the archive is not fetched at all, and the payload's own CRC32C stands in for the item's.
+
+Data flow: the planner (:func:`~dcp_cloud.load.plan.plan_reads`) asks :meth:`DirectReads.route`
+once per stored item; a :class:`~dcp_cloud.load.plan.DirectRead` it returns travels with the
+item's fetch range to the fetcher, which reads the payload into ``tensor_memory(target)``.
+Buffered tensor items come back here through :meth:`DirectReads.stored_tensor`, which finds
+their payload inside the fetched archive bytes without parsing it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, Read
 
 from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
 from .decode import RECORD_ALIGNMENT
-from .plan import StoredItem
+from .plan import DirectRead, StoredItem
 
 
 class DirectReads:
@@ -40,6 +46,15 @@ class DirectReads:
             self._records = manifest.item_index()
         self._metadata = metadata
         self.min_bytes = min_bytes
+
+    def route(self, key: str, item: StoredItem, planner: LoadPlanner) -> DirectRead | None:
+        """The direct read of ``item``: when the plan wants all of its stored tensor and the
+        planner's destination can take the payload as is; None to fetch it buffered."""
+        payload = self.payload(key, item)
+        if payload is None:
+            return None
+        target = self.destination(item.requests[0], planner)
+        return None if target is None else DirectRead(payload, target)
 
     def payload(self, key: str, item: StoredItem) -> PayloadRecord | None:
         """The payload to read into the destination, if the plan wants all of the stored tensor."""

@@ -1,9 +1,12 @@
-"""Planning a load's reads: which byte ranges of which objects, coalesced.
+"""Planning a load's reads: which byte ranges of which objects, coalesced, each routed once.
 
 Data flow: the load plan's ReadItems and the metadata's locators go in; each ReadItem is mapped
-to the stored item it lies in (several ReadItems of one item share it), the stored items of each
-object are sorted by offset and merged with their neighbours into :class:`FetchRange` s, and
-the reader fetches and decodes each range once. Nothing here touches a store.
+to the stored item it lies in (several ReadItems of one item share it). Each stored item's route
+is decided once (:func:`plan_reads`): a :class:`DirectRead` (its payload fetched straight into
+its destination tensor, in a range of its own) or buffered. The buffered items of each object are
+sorted by offset and merged with their neighbours into :class:`FetchRange` s. The fetcher
+(:mod:`dcp_cloud.load.fetcher`) executes the ranges; the reader commits or decodes each one.
+Nothing here touches a store.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint.planner import ReadItem
+
+from ..checkpoint.manifest import PayloadRecord
 
 
 @dataclass
@@ -26,13 +32,26 @@ class StoredItem:
 
 
 @dataclass
+class DirectRead:
+    """A stored tensor's payload, read straight into the destination tensor ``target``."""
+
+    payload: PayloadRecord
+    target: torch.Tensor
+
+
+@dataclass
 class FetchRange:
-    """Bytes ``[start, end)`` of one object, fetched together, holding whole items."""
+    """Bytes ``[start, end)`` of one object, fetched together, holding whole items.
+
+    With ``direct`` set the range holds one item whose payload is read into its destination
+    tensor; otherwise the whole range is read into a fetch buffer and decoded.
+    """
 
     key: str
     start: int
     end: int
     items: list[StoredItem] = field(default_factory=list)
+    direct: DirectRead | None = None
 
     @property
     def size(self) -> int:
@@ -83,6 +102,38 @@ def plan_fetches(
             current = FetchRange(key, item.offset, end, [item])
             ranges.append(current)
     return ranges
+
+
+def plan_reads(
+    requests: list[ReadItem],
+    storage_data: dict[Any, Any],
+    max_range: int,
+    gap: int,
+    route: Callable[[str, StoredItem], DirectRead | None],
+) -> list[FetchRange]:
+    """The load's fetches, each with its route: ``route(key, item)`` is asked once per stored
+    item; an item it gives a :class:`DirectRead` gets a range of its own carrying it, the rest
+    are merged as in :func:`plan_fetches`."""
+    routes: dict[int, DirectRead] = {}
+
+    def keep_apart(key: str, item: StoredItem) -> bool:
+        found = route(key, item)
+        if found is not None:
+            routes[id(item)] = found
+        return found is not None
+
+    ranges = plan_fetches(requests, storage_data, max_range, gap, keep_apart)
+    for fetch in ranges:
+        if len(fetch.items) == 1:
+            fetch.direct = routes.get(id(fetch.items[0]))
+    return ranges
+
+
+def item_names(items: list[StoredItem]) -> str:
+    """The fqns read from ``items``, for messages: the first five and how many more."""
+    fqns = sorted({r.storage_index.fqn for item in items for r in item.requests})
+    shown = ", ".join(fqns[:5])
+    return shown + (f" and {len(fqns) - 5} more" if len(fqns) > 5 else "")
 
 
 def split_range(start: int, end: int, piece: int) -> list[tuple[int, int]]:

@@ -1,25 +1,24 @@
 """CloudStorageReader: DCP's StorageReader for object stores, with concurrent ranged reads.
 
 Data flow: ``read_metadata`` reads ``.metadata`` through the restricted unpickler and the
-manifest beside it. ``read_data`` turns the plan's ReadItems into byte ranges
-(:func:`~dcp_cloud.load.plan.plan_fetches`); ranges whose tensor can be read straight into its
-destination take the direct route (:mod:`dcp_cloud.load.direct`), the rest are fetched into
-pooled buffers within the memory budget. As each fetch completes, its items are checked against
-their CRC32C and decoded (:func:`~dcp_cloud.load.decode.load_tensor`) into the planner's
+manifest beside it. ``read_data`` is plan -> fetch -> commit or decode -> stats: the plan's
+ReadItems become routed byte ranges (:func:`~dcp_cloud.load.plan.plan_reads`, each stored
+item's route asked of :meth:`~dcp_cloud.load.direct.DirectReads.route` once); the
+:class:`~dcp_cloud.load.fetcher.Fetcher` reads them within the memory budget and hands each
+landed range to ``on_fetched``. A direct range's payload is already in its destination tensor:
+its CRC32C is checked and the tensor committed (``_commit_direct``). A buffered range's items
+are checked against their CRC32C and decoded (``_decode``, via
+:func:`~dcp_cloud.load.decode.load_tensor` or the payload record) and copied into the planner's
 tensors, or, for non-tensor items, made safe (:mod:`dcp_cloud.checkpoint.items`) and handed to
 the planner, while the next ranges download.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import io
 import logging
 import os
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import crc32c
@@ -32,10 +31,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from ..buffers import ByteBudget, ReadBuffers
 from ..checkpoint import layout
 from ..checkpoint.items import safe_item_bytes
-from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
+from ..checkpoint.manifest import ItemRecord, Manifest
 from ..checkpoint.metadata import load_metadata
 from ..errors import (
     CheckpointNotFoundError,
@@ -43,13 +41,14 @@ from ..errors import (
     IncompleteCheckpointError,
     UnsafeCheckpointError,
 )
-from ..options import MiB, TransferOptions
+from ..options import TransferOptions
 from ..stats import StatsRecorder, TransferStats
 from ..store.connection import StoreConnection
 from ..urls import redact_url
 from .decode import load_tensor
 from .direct import DirectReads, tensor_memory
-from .plan import FetchRange, StoredItem, plan_fetches, split_range
+from .fetcher import Fetcher
+from .plan import DirectRead, FetchRange, StoredItem, item_names, plan_reads
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -199,176 +198,58 @@ class CloudStorageReader(StoreConnection, StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         store = self.store
         recorder = StatsRecorder("load", store.url, store.counter)
-        opts = self.options
         # payloads of half a part or more are worth a request of their own
-        direct = DirectReads(self._manifest, self._metadata, opts.part_size // 2)
-        try:
-            ranges = plan_fetches(
-                plan.items,
-                self.storage_data,
-                opts.part_size,
-                opts.coalesce_gap,
-                keep_apart=lambda key, item: direct.payload(key, item) is not None,
-            )
-        except KeyError as exc:
-            raise CorruptCheckpointError(
-                f"{store.url}/{layout.METADATA_KEY} describes {exc.args[0]} but does not say where "
-                "its bytes are stored (no storage_data entry). The checkpoint is damaged; load an "
-                "earlier one."
-            ) from None
+        direct = DirectReads(self._manifest, self._metadata, self.options.part_size // 2)
+        ranges = self._plan_reads(plan, planner, direct)
         records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
-        self._check_large_ranges(ranges, direct)
-        budget = ByteBudget(opts.memory_budget)
-        buffers = ReadBuffers(granule=MiB, limit=opts.memory_budget)
-        waiting = deque((fetch, self._direct_route(fetch, direct, planner)) for fetch in ranges)
-        # Direct reads hold no buffer of ours, so the budget bounds buffered ranges only (and
-        # direct ones where the client library buffers each download); this bounds the futures
-        # waited on, while keeping the store's request slots busy.
-        max_in_flight = 4 * opts.max_concurrency
-        in_flight: dict[concurrent.futures.Future[Any], _InFlight] = {}
-        fetched = direct_items = 0
-        try:
-            while waiting or in_flight:
-                while waiting and len(in_flight) < max_in_flight:
-                    fetch, route = waiting[0]
-                    held = self._held_bytes(fetch, route, buffers)
-                    if held and not budget.try_acquire(held):
-                        break
-                    waiting.popleft()
-                    pending = self._start(fetch, route, buffers, held)
-                    in_flight[pending.future] = pending
-                    fetched += pending.size
-                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in done:
-                    pending = in_flight.pop(future)
-                    data = self._fetched(pending.fetch, future)
-                    if pending.route is not None:
-                        self._commit_direct(pending.fetch, pending.route, planner)
-                        direct_items += 1
-                    else:
-                        self._decode(pending.fetch, data, planner, records, direct)
-                        assert pending.buffer is not None
-                        buffers.put(pending.buffer)
-                    del data
-                    budget.release(pending.held)
-        except BaseException:
-            for future in in_flight:
-                future.cancel()
-            raise
+
+        def on_fetched(fetch: FetchRange, data: memoryview) -> None:
+            if fetch.direct is not None:
+                self._commit_direct(fetch, fetch.direct, planner)
+            else:
+                self._decode(fetch, data, planner, records, direct)
+
+        fetched = Fetcher(store, self.options).run(ranges, on_fetched)
         stats = recorder.stats
         stats.bytes = fetched
         stats.objects = len({r.key for r in ranges})
         stats.items = len(plan.items)
-        stats.direct_items = direct_items
+        stats.direct_items = sum(1 for r in ranges if r.direct is not None)
         self.last_stats = recorder.finish()
         logger.info("%s (rank %d)", self.last_stats.summary(), self.rank)
         completed: Future[None] = Future()
         completed.set_result(None)
         return completed
 
-    # -- fetching ------------------------------------------------------------------------------
+    # -- planning ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _direct_route(fetch: FetchRange, direct: DirectReads, planner: LoadPlanner) -> _DirectRoute | None:
-        """Where the range's payload can land as is, if it holds one such item."""
-        if len(fetch.items) != 1:
-            return None
-        payload = direct.payload(fetch.key, fetch.items[0])
-        if payload is None:
-            return None
-        target = direct.destination(fetch.items[0].requests[0], planner)
-        return None if target is None else _DirectRoute(payload, target)
-
-    def _check_large_ranges(self, ranges: list[FetchRange], direct: DirectReads) -> None:
-        """Each range too large for the memory budget ends inside its object.
-
-        Such a range gets a fetch buffer of its own whatever the budget, so a ``.metadata``
-        claiming a huge item in a small object would otherwise have this process map that many
-        bytes before the read finds the object short. One byte at the range's end is read first.
-        """
-        for fetch in ranges:
-            if fetch.size <= self.options.memory_budget:
-                continue
-            if len(fetch.items) == 1 and direct.payload(fetch.key, fetch.items[0]) is not None:
-                continue  # read straight into its destination tensor, which holds its size
-            self._fetched(fetch, self.store.submit(self._probe_end(fetch)))
-
-    async def _probe_end(self, fetch: FetchRange) -> memoryview:
-        data = await self.store.get_range(fetch.key, fetch.end - 1, fetch.end)
-        if len(data) != 1:
-            raise _ShortRead(0, fetch.size)
-        return memoryview(data)
-
-    def _held_bytes(self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers) -> int:
-        """Memory a range holds while in flight, counted against the budget: its fetch buffer;
-        for a direct read nothing, except on stores whose client library buffers downloads
-        (then the pieces it holds at once)."""
-        if route is None:
-            return buffers.capacity(fetch.size)
-        if not self.store.buffers_downloads:
-            return 0
-        return min(route.payload.length, self.options.max_concurrency * self.options.part_size)
-
-    def _start(
-        self, fetch: FetchRange, route: _DirectRoute | None, buffers: ReadBuffers, held: int
-    ) -> _InFlight:
-        """Submit one range: its payload straight into the destination tensor when it has a
-        route, else the whole range into a fetch buffer."""
-        store = self.store
-        if route is not None:
-            start = fetch.start + route.payload.offset
-            future = store.submit(self._fetch(fetch.key, start, tensor_memory(route.target)))
-            return _InFlight(future, fetch, route.payload.length, held, route=route)
-        buffer, view = buffers.get(fetch.size)
-        return _InFlight(
-            store.submit(self._fetch(fetch.key, fetch.start, view)), fetch, fetch.size, held, buffer
-        )
-
-    async def _fetch(self, key: str, start: int, out: memoryview) -> memoryview:
-        """Fill ``out`` with the object's bytes from ``start``, in concurrent pieces of at most
-        ``part_size`` bytes."""
-        store = self.store
-
-        async def piece(a: int, b: int) -> None:
-            got = await store.read_into(key, a, out[a - start : b - start])
-            if got != b - a:
-                raise _ShortRead(a - start + got, len(out))
-
-        pieces = split_range(start, start + len(out), self.options.part_size)
-        await asyncio.gather(*(piece(a, b) for a, b in pieces))
-        return out
-
-    def _fetched(self, fetch: FetchRange, future: concurrent.futures.Future[Any]) -> memoryview:
-        """The fetched bytes, or the error that names the object and the tensors it held."""
-        where = f"{self.store.url}/{fetch.key}"
+    def _plan_reads(self, plan: LoadPlan, planner: LoadPlanner, direct: DirectReads) -> list[FetchRange]:
+        """The plan's fetches, each routed once: direct into its tensor, or buffered."""
         try:
-            return future.result()
-        except FileNotFoundError as exc:
+            return plan_reads(
+                plan.items,
+                self.storage_data,
+                self.options.part_size,
+                self.options.coalesce_gap,
+                route=lambda key, item: direct.route(key, item, planner),
+            )
+        except KeyError as exc:
             raise CorruptCheckpointError(
-                f"{where} is missing, but .metadata references it (tensors {_names(fetch.items)}). The "
-                "checkpoint is damaged, or was overwritten while loading; load it again or "
-                "load an earlier checkpoint."
-            ) from exc
-        except _ShortRead as exc:
-            raise self._truncated(where, fetch, exc.got, exc.wanted) from None
-
-    @staticmethod
-    def _truncated(where: str, fetch: FetchRange, got: int, wanted: int) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"{where} is truncated: read {got} of {wanted} bytes for tensors {_names(fetch.items)}. "
-            "The checkpoint is damaged; load an earlier one."
-        )
+                f"{self.store.url}/{layout.METADATA_KEY} describes {exc.args[0]} but does not say "
+                "where its bytes are stored (no storage_data entry). The checkpoint is damaged; "
+                "load an earlier one."
+            ) from None
 
     # -- decoding ------------------------------------------------------------------------------
 
-    def _commit_direct(self, fetch: FetchRange, route: _DirectRoute, planner: LoadPlanner) -> None:
+    def _commit_direct(self, fetch: FetchRange, route: DirectRead, planner: LoadPlanner) -> None:
         """A payload landed in its destination: check it, and hand the tensor to the planner."""
         payload, target = route.payload, route.target
         if self.verify_checksums and crc32c.crc32c(tensor_memory(target)) != payload.crc32c:
             start = fetch.start + payload.offset
             raise CorruptCheckpointError(
                 f"{self.store.url}/{fetch.key}: checksum mismatch in bytes [{start}, "
-                f"{start + payload.length}) holding {_names(fetch.items)}. The object is corrupt; "
+                f"{start + payload.length}) holding {item_names(fetch.items)}. The object is corrupt; "
                 "load an earlier checkpoint (verify_checksums=False skips this check)."
             )
         planner.commit_tensor(fetch.items[0].requests[0], target)
@@ -388,7 +269,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
             if record is not None and crc32c.crc32c(item_view) != record.crc32c:
                 raise CorruptCheckpointError(
                     f"{self.store.url}/{fetch.key}: checksum mismatch in bytes "
-                    f"[{item.offset}, {item.offset + item.length}) holding {_names([item])}. "
+                    f"[{item.offset}, {item.offset + item.length}) holding {item_names([item])}. "
                     "The object is corrupt; load an earlier checkpoint "
                     "(verify_checksums=False skips this check)."
                 )
@@ -397,7 +278,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
                 raise CorruptCheckpointError(
                     f"{self.store.url}/{layout.METADATA_KEY} places both tensors and non-tensor "
                     f"values at bytes [{item.offset}, {item.offset + item.length}) of {fetch.key!r} "
-                    f"({_names([item])}). The checkpoint is damaged or crafted; load an earlier one."
+                    f"({item_names([item])}). The checkpoint is damaged or crafted; load an earlier one."
                 )
             if first.type == LoadItemType.BYTE_IO:
                 self._load_bytes(fetch.key, item, item_view, planner)
@@ -411,7 +292,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
             except Exception as exc:
                 raise CorruptCheckpointError(
                     f"{self.store.url}/{fetch.key}: cannot decode bytes [{item.offset}, "
-                    f"{item.offset + item.length}) holding {_names([item])} "
+                    f"{item.offset + item.length}) holding {item_names([item])} "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
             self._check_stored_tensor(fetch.key, item, tensor, direct)
@@ -466,7 +347,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
                 planner.load_bytes(request, io.BytesIO(item_view))
             return
         where = f"{self.store.url}/{key}"
-        safe = safe_item_bytes(item_view, _names([item]), where, self.safe_globals).getvalue()
+        safe = safe_item_bytes(item_view, item_names([item]), where, self.safe_globals).getvalue()
         for request in item.requests:
             planner.load_bytes(request, io.BytesIO(safe))
 
@@ -536,38 +417,3 @@ def _check_agreement(manifest: Manifest, metadata: Metadata, where: str) -> None
                 f"{where} does not record bytes [{info.offset}, {info.offset + info.length}) of "
                 f"{info.relative_path!r}, where .metadata places {index.fqn!r}"
             )
-
-
-@dataclass
-class _DirectRoute:
-    """A range's payload, and the destination tensor it is read into."""
-
-    payload: PayloadRecord
-    target: torch.Tensor
-
-
-@dataclass
-class _InFlight:
-    """A submitted range: into a fetch buffer, or (``route`` set) a payload into its tensor."""
-
-    future: concurrent.futures.Future[memoryview]
-    fetch: FetchRange
-    #: bytes requested
-    size: int
-    #: bytes counted against the memory budget until it lands
-    held: int
-    buffer: Any = None
-    route: _DirectRoute | None = None
-
-
-class _ShortRead(Exception):
-    def __init__(self, got: int, wanted: int) -> None:
-        super().__init__(f"read {got} of {wanted} bytes")
-        self.got = got
-        self.wanted = wanted
-
-
-def _names(items: list[StoredItem]) -> str:
-    fqns = sorted({r.storage_index.fqn for item in items for r in item.requests})
-    shown = ", ".join(fqns[:5])
-    return shown + (f" and {len(fqns) - 5} more" if len(fqns) > 5 else "")

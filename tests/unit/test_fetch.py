@@ -13,7 +13,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-from dcp_cloud.load.plan import FetchRange, StoredItem, plan_fetches, split_range
+from dcp_cloud.checkpoint.manifest import PayloadRecord
+from dcp_cloud.load.plan import DirectRead, FetchRange, StoredItem, plan_fetches, plan_reads, split_range
 
 
 class Plan:
@@ -175,3 +176,24 @@ def test_split_range_covers_the_range_exactly_in_bounded_pieces(start: int, leng
     assert all(0 < b - a <= piece for a, b in pieces)
     assert all(b == a2 for (_, b), (a2, _) in zip(pieces, pieces[1:]))
     assert sum(b - a for a, b in pieces) == length
+
+
+def test_each_stored_item_is_routed_once_and_a_direct_read_gets_a_range_of_its_own() -> None:
+    plan = Plan()
+    plan.item("a", 0, 10, readers=2)
+    plan.item("a", 10, 100)  # the one read straight into its tensor
+    plan.item("a", 110, 10)
+    asked: list[tuple[str, int]] = []
+    direct = DirectRead(PayloadRecord(0, 100, 0), torch.empty(0))
+
+    def route(key: str, item: StoredItem) -> DirectRead | None:
+        asked.append((key, item.offset))
+        return direct if item.offset == 10 else None
+
+    ranges = plan_reads(plan.requests, plan.storage_data, 1 << 30, 1 << 20, route)
+    assert sorted(asked) == [("a", 0), ("a", 10), ("a", 110)]  # once per stored item
+    routed = [r for r in ranges if r.direct is not None]
+    assert len(routed) == 1 and routed[0].direct is direct
+    assert (routed[0].start, routed[0].end, len(routed[0].items)) == (10, 110, 1)
+    assert all(r.direct is None for r in ranges if r is not routed[0])
+    assert sum(len(r.items) for r in ranges) == 3
