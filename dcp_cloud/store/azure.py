@@ -27,9 +27,9 @@ from typing import Any
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from ..options import CONNECT_TIMEOUT, READ_TIMEOUT
-from .base import MultipartUpload, ObjectInfo, PendingUpload, redacted_endpoint
+from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload, redacted_endpoint
 from .body import PartBody
-from .bucket import BucketStore, delete_each
+from .bucket import BucketPath, delete_each
 
 
 def block_id(upload_id: str, part_number: int) -> str:
@@ -59,18 +59,26 @@ class _MemoryviewSink:
         return False
 
 
-class AzureBlobStore(BucketStore):
+class AzureBlobStore(ObjectStore):
     """Store over an ``adlfs.AzureBlobFileSystem``."""
 
     supports_conditional_put = True
     buffers_downloads = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
-        super().__init__(fs, url, root, max_concurrency)
+        super().__init__(url, root, max_concurrency)
+        self.fs = fs
+        #: the bucket and key prefix of the store root
+        self.place = BucketPath.of(fs, url, self.root)
         self.max_attempts = max_attempts
         _switch_off_sdk_retries(fs.service_client)
         self._timeouts: dict[str, Any] = {"connection_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT}
         self._timeouts.update(getattr(fs, "_timeout_kwargs", None) or {})
+
+    @property
+    def loop(self) -> Any:
+        """The event loop of the filesystem's client (its sessions are bound to it)."""
+        return self.fs.loop
 
     @property
     def endpoint(self) -> str:
@@ -96,10 +104,10 @@ class AzureBlobStore(BucketStore):
 
     @property
     def _container_client(self) -> Any:
-        return self.fs.service_client.get_container_client(self.bucket)
+        return self.fs.service_client.get_container_client(self.place.bucket)
 
     def _blob(self, key: str) -> Any:
-        return self.fs.service_client.get_blob_client(self.bucket, self.full_key(key))
+        return self.fs.service_client.get_blob_client(self.place.bucket, self.place.full_key(key))
 
     async def _azure(self, kind: str, key: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """One SDK request (``call()`` starts a try), retried, errors translated."""
@@ -110,14 +118,14 @@ class AzureBlobStore(BucketStore):
             ResourceNotFoundError,
         )
 
-        where = f"{self.bucket}/{self.full_key(key)}"
+        where = f"{self.place.bucket}/{self.place.full_key(key)}"
         try:
             return await self._request(kind, call)
         except ResourceNotFoundError as exc:
             if getattr(exc, "error_code", None) == "ContainerNotFound":
                 raise BucketNotFoundError(
-                    f"{self.url}: container {self.bucket!r} does not exist. Create it (for "
-                    f"example `az storage container create --name {self.bucket}`) or fix the URL."
+                    f"{self.url}: container {self.place.bucket!r} does not exist. Create it (for "
+                    f"example `az storage container create --name {self.place.bucket}`) or fix the URL."
                 ) from exc
             raise FileNotFoundError(f"{self.url}: blob {where} not found") from exc
         except ResourceExistsError as exc:
@@ -184,7 +192,7 @@ class AzureBlobStore(BucketStore):
         return True
 
     async def _list(self, prefix: str, include: list[str] | None = None) -> list[Any]:
-        name_prefix = self.listing_prefix(prefix)
+        name_prefix = self.place.listing_prefix(prefix)
 
         async def collect() -> list[Any]:
             pager = self._container_client.list_blobs(
@@ -197,7 +205,7 @@ class AzureBlobStore(BucketStore):
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         infos = [
             ObjectInfo(
-                self.relative_key(blob.name),
+                self.place.relative_key(blob.name),
                 int(blob.size or 0),
                 blob.last_modified.timestamp() if blob.last_modified else None,
             )
@@ -253,11 +261,11 @@ class AzureBlobStore(BucketStore):
         committed = {blob.name for blob in await self._list(prefix)}
         return [
             PendingUpload(
-                self.relative_key(blob.name),
+                self.place.relative_key(blob.name),
                 (blob.last_modified or blob.creation_time).timestamp()
                 if (blob.last_modified or blob.creation_time)
                 else 0.0,
-                MultipartUpload(self.relative_key(blob.name), None),
+                MultipartUpload(self.place.relative_key(blob.name), None),
             )
             for blob in await self._list(prefix, include=["uncommittedblobs"])
             if blob.name not in committed

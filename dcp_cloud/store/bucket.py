@@ -1,30 +1,34 @@
-"""What the cloud stores share: a bucket (or container) and a key prefix inside it."""
+"""What the cloud stores share, held by composition: a bucket (or container) and a key prefix."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 from ..errors import BucketNotFoundError, StoreConfigError
-from .fsspec_store import FsspecStore
 
 
-class BucketStore(FsspecStore):
-    """Base of the S3, GCS and Azure stores: they call their cloud's API through the client their
-    fsspec backend holds, on that backend's event loop, under ``bucket/prefix``."""
+@dataclass(frozen=True)
+class BucketPath:
+    """A store root on a cloud: the bucket (or container) and the key prefix inside it.
 
-    def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16):
-        super().__init__(fs, url, root, max_concurrency)
+    Translates between keys relative to the root and object names in the bucket.
+    """
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def of(cls, fs: Any, url: str, root: str) -> BucketPath:
+        """The bucket and prefix of ``root`` as the fsspec filesystem ``fs`` splits it;
+        ``StoreConfigError`` for a root with ``.``/``..`` segments (``url`` names it)."""
         bucket, prefix, _ = fs.split_path(root)
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        _check_root(url, bucket, self.prefix)
-
-    @property
-    def loop(self) -> Any:
-        return self.fs.loop
+        place = cls(bucket, prefix.strip("/"))
+        _check_root(url, place.bucket, place.prefix)
+        return place
 
     def full_key(self, key: str) -> str:
         """The object's name in the bucket."""

@@ -38,9 +38,9 @@ from requests.exceptions import ProxyError
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from ..options import CONNECT_TIMEOUT, READ_TIMEOUT
-from .base import MultipartUpload, ObjectInfo, PendingUpload, redacted_endpoint
+from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload, redacted_endpoint
 from .body import PartBody
-from .bucket import BucketStore, delete_each
+from .bucket import BucketPath, delete_each
 from .fsspec_store import _modified
 
 T = TypeVar("T")
@@ -70,19 +70,27 @@ def part_key(key: str, upload_id: str, part_number: int) -> str:
     return f"{key}{PART_MARKER}{upload_id}/{part_number:05d}"
 
 
-class GCSStore(BucketStore):
+class GCSStore(ObjectStore):
     """Store over a ``gcsfs.GCSFileSystem``."""
 
     supports_conditional_put = True
     prefers_one_part_objects = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
-        super().__init__(fs, url, root, max_concurrency)
+        super().__init__(url, root, max_concurrency)
+        self.fs = fs
+        #: the bucket and key prefix of the store root
+        self.place = BucketPath.of(fs, url, self.root)
         self.max_attempts = max_attempts if _PLAIN_REQUEST is not None else 1
         if getattr(fs, "requests_timeout", None) is None:
             fs.requests_timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
             )
+
+    @property
+    def loop(self) -> Any:
+        """The event loop of the filesystem's client (its sessions are bound to it)."""
+        return self.fs.loop
 
     @property
     def endpoint(self) -> str:
@@ -106,18 +114,18 @@ class GCSStore(BucketStore):
         return json.loads(contents) if json_out else (headers, contents)
 
     def _object_path(self, key: str) -> str:
-        return f"b/{quote(self.bucket, safe='')}/o/{quote(self.full_key(key), safe='')}"
+        return f"b/{quote(self.place.bucket, safe='')}/o/{quote(self.place.full_key(key), safe='')}"
 
     @property
     def _upload_url(self) -> str:
-        return f"{self.fs._location}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o"
+        return f"{self.fs._location}/upload/storage/v1/b/{quote(self.place.bucket, safe='')}/o"
 
     def _media_url(self, key: str) -> str:
         return f"{self.fs._location}/download/storage/v1/{self._object_path(key)}?alt=media"
 
     async def _bucket_exists(self) -> bool:
         try:
-            await self._json_call("GET", f"b/{quote(self.bucket, safe='')}", json_out=True)
+            await self._json_call("GET", f"b/{quote(self.place.bucket, safe='')}", json_out=True)
         except FileNotFoundError:
             return False
         except Exception:  # cannot tell; report the original error
@@ -136,10 +144,12 @@ class GCSStore(BucketStore):
         except FileNotFoundError as exc:
             if not await self._bucket_exists():
                 raise BucketNotFoundError(
-                    f"{self.url}: bucket {self.bucket!r} does not exist. Create it (for example "
-                    f"`gcloud storage buckets create gs://{self.bucket}`) or fix the URL."
+                    f"{self.url}: bucket {self.place.bucket!r} does not exist. Create it (for example "
+                    f"`gcloud storage buckets create gs://{self.place.bucket}`) or fix the URL."
                 ) from exc
-            raise FileNotFoundError(f"{self.url}: gs://{self.bucket}/{self.full_key(key)} not found") from exc
+            raise FileNotFoundError(
+                f"{self.url}: gs://{self.place.bucket}/{self.place.full_key(key)} not found"
+            ) from exc
         except PermissionError as exc:
             raise self._access_error(key, exc) from exc
         except Exception as exc:
@@ -151,7 +161,7 @@ class GCSStore(BucketStore):
     def _access_error(self, key: str, exc: BaseException) -> StoreAccessError:
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StoreAccessError(
-            f"{self.url}: GCS refused the request on gs://{self.bucket}/{self.full_key(key)} "
+            f"{self.url}: GCS refused the request on gs://{self.place.bucket}/{self.place.full_key(key)} "
             f"({first_line}). Check the credentials (`token=` in storage_options, "
             "GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`) and the "
             "bucket's IAM permissions."
@@ -174,7 +184,7 @@ class GCSStore(BucketStore):
             "POST",
             self._upload_url,
             uploadType="media",
-            name=self.full_key(key),
+            name=self.place.full_key(key),
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
             data=PartBody(data),  # sent in slices: no copy of the part in aiohttp's write buffer
             json_out=True,
@@ -184,7 +194,7 @@ class GCSStore(BucketStore):
         boundary = f"dcp-cloud-{secrets.token_hex(8)}"
         head = (
             f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
-            + json.dumps({"name": self.full_key(key)})
+            + json.dumps({"name": self.place.full_key(key)})
             + f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
         ).encode()
         body = head + bytes(data) + f"\r\n--{boundary}--\r\n".encode()
@@ -202,7 +212,7 @@ class GCSStore(BucketStore):
             )
         except FileExistsError:
             raise FileExistsError(
-                f"{self.url}: gs://{self.bucket}/{self.full_key(key)} already exists"
+                f"{self.url}: gs://{self.place.bucket}/{self.place.full_key(key)} already exists"
             ) from None
 
     async def get(self, key: str) -> bytes:
@@ -242,11 +252,11 @@ class GCSStore(BucketStore):
         items: list[dict[str, Any]] = []
         token: str | None = None
         while True:
-            params: dict[str, Any] = {"prefix": self.listing_prefix(prefix)}
+            params: dict[str, Any] = {"prefix": self.place.listing_prefix(prefix)}
             if token:
                 params["pageToken"] = token
             page = await self._gcs(
-                "list", prefix, "GET", f"b/{quote(self.bucket, safe='')}/o", json_out=True, **params
+                "list", prefix, "GET", f"b/{quote(self.place.bucket, safe='')}/o", json_out=True, **params
             )
             items.extend(page.get("items", []))
             token = page.get("nextPageToken")
@@ -256,7 +266,7 @@ class GCSStore(BucketStore):
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         infos = []
         for item in await self._list_raw(prefix):
-            key = self.relative_key(item["name"])
+            key = self.place.relative_key(item["name"])
             if PART_MARKER in key and _PART_KEY.match(key):
                 continue
             infos.append(ObjectInfo(key, int(item.get("size", 0)), _modified(_times(item))))
@@ -303,8 +313,8 @@ class GCSStore(BucketStore):
             headers={"Content-Type": "application/json"},
             json={
                 "kind": "storage#composeRequest",
-                "sourceObjects": [{"name": self.full_key(s)} for s in sources],
-                "destination": {"name": self.full_key(key), "bucket": self.bucket},
+                "sourceObjects": [{"name": self.place.full_key(s)} for s in sources],
+                "destination": {"name": self.place.full_key(key), "bucket": self.place.bucket},
             },
             json_out=True,
         )
@@ -314,7 +324,9 @@ class GCSStore(BucketStore):
             # listed, not only the parts recorded: a part cancelled in flight may have landed
             listed = await self._list_raw(f"{upload.key}{PART_MARKER}{upload.state}/")
             parts = set(upload.parts) | {
-                int(m.group("part")) for o in listed if (m := _PART_KEY.match(self.relative_key(o["name"])))
+                int(m.group("part"))
+                for o in listed
+                if (m := _PART_KEY.match(self.place.relative_key(o["name"])))
             }
             await self.delete([part_key(upload.key, upload.state, n) for n in sorted(parts)])
         except Exception:  # the upload is abandoned either way; gc removes leftovers
@@ -323,7 +335,7 @@ class GCSStore(BucketStore):
     async def list_uploads(self, prefix: str = "") -> list[PendingUpload]:
         uploads: dict[tuple[str, str], PendingUpload] = {}
         for item in await self._list_raw(prefix):
-            match = _PART_KEY.match(self.relative_key(item["name"]))
+            match = _PART_KEY.match(self.place.relative_key(item["name"]))
             if match is None:
                 continue
             key, upload_id = match.group("key"), match.group("upload")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -18,17 +20,100 @@ from .local import LocalStore
 
 logger = logging.getLogger("dcp_cloud")
 
-# The extra of dcp-cloud that installs each scheme's fsspec backend.
-_EXTRAS = {
-    "s3": "s3",
-    "s3a": "s3",
-    "gs": "gcs",
-    "gcs": "gcs",
-    "az": "azure",
-    "abfs": "azure",
-    "abfss": "azure",
-    "adl": "azure",
-}
+#: makes a backend's store: (filesystem, URL as shown, root, max_concurrency, max_attempts)
+StoreFactory = Callable[[Any, str, str, int, int], ObjectStore]
+#: prepares a backend's storage_options in place: (options, max_concurrency, max_attempts)
+OptionsHook = Callable[[dict[str, Any], int, int], None]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the registry: the fsspec filesystem class a store serves, the URL schemes
+    that build such a filesystem, and how to prepare their options and make the store.
+
+    The class is named by module and class name and looked up only in modules already
+    imported, so matching a filesystem never imports s3fs, gcsfs or adlfs.
+    """
+
+    module: str
+    class_name: str
+    make: StoreFactory
+    schemes: tuple[str, ...] = ()
+    #: the dcp-cloud extra that installs the fsspec backend ("" when it comes with fsspec)
+    extra: str = ""
+    prepare: OptionsHook | None = None
+
+    def serves(self, filesystem: AbstractFileSystem) -> bool:
+        """Whether ``filesystem`` is an instance of this row's class (subclasses included)."""
+        cls = getattr(sys.modules.get(self.module), self.class_name, None)
+        return isinstance(cls, type) and isinstance(filesystem, cls)
+
+
+def _local_store(fs: Any, shown: str, root: str, max_concurrency: int, max_attempts: int) -> ObjectStore:
+    return LocalStore(shown, root, max_concurrency)
+
+
+def _s3_store(fs: Any, shown: str, root: str, max_concurrency: int, max_attempts: int) -> ObjectStore:
+    from .s3 import S3Store
+
+    _require_bucket(fs, shown, root, "bucket", "s3://BUCKET/PREFIX")
+    return S3Store(fs, shown, root, max_concurrency, max_attempts)
+
+
+def _gcs_store(fs: Any, shown: str, root: str, max_concurrency: int, max_attempts: int) -> ObjectStore:
+    from .gcs import GCSStore
+
+    _require_bucket(fs, shown, root, "bucket", "gs://BUCKET/PREFIX")
+    return GCSStore(fs, shown, root, max_concurrency, max_attempts)
+
+
+def _azure_store(fs: Any, shown: str, root: str, max_concurrency: int, max_attempts: int) -> ObjectStore:
+    from .azure import AzureBlobStore
+
+    _require_bucket(fs, shown, root, "container", "az://CONTAINER/PREFIX")
+    return AzureBlobStore(fs, shown, root, max_concurrency, max_attempts)
+
+
+def _fsspec_store(fs: Any, shown: str, root: str, max_concurrency: int, max_attempts: int) -> ObjectStore:
+    return FsspecStore(fs, shown, root, max_concurrency)
+
+
+def _require_bucket(fs: Any, shown: str, root: str, noun: str, form: str) -> None:
+    if not fs.split_path(root)[0]:
+        raise StoreConfigError(f"{shown}: the URL names no {noun}; use {form}")
+
+
+def _prepare_s3(options: dict[str, Any], max_concurrency: int, max_attempts: int) -> None:
+    """Size botocore's connection pool to the concurrency and set its retries (see
+    :mod:`dcp_cloud.store.s3` for who retries), unless the caller's ``config_kwargs`` say."""
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", max(10, max_concurrency))
+    config.setdefault("retries", {"mode": "standard", "total_max_attempts": max_attempts})
+    options["config_kwargs"] = config
+
+
+def _prepare_gcs(options: dict[str, Any], max_concurrency: int, max_attempts: int) -> None:
+    _prepare_gcsfs(options)
+
+
+#: The backends, first match wins; a filesystem no row serves gets the generic FsspecStore.
+BACKENDS: tuple[Backend, ...] = (
+    Backend("fsspec.implementations.local", "LocalFileSystem", _local_store, ("file", "local")),
+    Backend("s3fs", "S3FileSystem", _s3_store, ("s3", "s3a"), "s3", _prepare_s3),
+    Backend("gcsfs", "GCSFileSystem", _gcs_store, ("gs", "gcs"), "gcs", _prepare_gcs),
+    Backend("adlfs", "AzureBlobFileSystem", _azure_store, ("az", "abfs", "abfss", "adl"), "azure"),
+)
+GENERIC = Backend("fsspec", "AbstractFileSystem", _fsspec_store)
+
+
+def _backend_for(filesystem: AbstractFileSystem) -> Backend:
+    """The registry row that serves ``filesystem`` (the generic store when none does)."""
+    return next((backend for backend in BACKENDS if backend.serves(filesystem)), GENERIC)
+
+
+def _backend_for_scheme(scheme: str) -> Backend | None:
+    """The registry row whose filesystem a URL scheme builds, if one does."""
+    return next((backend for backend in BACKENDS if scheme in backend.schemes), None)
 
 
 def open_store(
@@ -64,76 +149,59 @@ def open_store(
     url = normalize_url(url, local_paths)
     shown = redact_url(url)
     scheme = url_scheme(url)
-    secrets = secret_values(storage_options or {})
     _check_endpoint(storage_options or {}, shown)
     if filesystem is None:
-        options = dict(storage_options or {})
-        if scheme in ("s3", "s3a"):
-            config = dict(options.get("config_kwargs") or {})
-            config.setdefault("max_pool_connections", max(10, max_concurrency))
-            config.setdefault("retries", {"mode": "standard", "total_max_attempts": max_attempts})
-            options["config_kwargs"] = config
-        if scheme in ("gs", "gcs"):
-            _prepare_gcsfs(options)
-        try:
-            filesystem, root = fsspec.core.url_to_fs(url, **options)
-        except ImportError as exc:
-            extra = _EXTRAS.get(scheme)
-            hint = (
-                f"pip install 'dcp-cloud[{extra}]'"
-                if extra
-                else f"install the fsspec backend for {scheme}://"
-            )
-            raise StoreConfigError(
-                f"{shown}: the {scheme}:// backend is not installed ({scrub_text(str(exc), secrets)}). "
-                f"Run: {hint}"
-            ) from None
-        except ValueError as exc:
-            if "protocol" in str(exc).lower():
-                raise StoreConfigError(
-                    f"{shown}: unknown URL scheme {scheme!r}. Use s3://, gs://, az://, abfs://, "
-                    "file://, memory://, a local path, or any scheme an installed fsspec backend "
-                    "provides."
-                ) from None
-            raise StoreConfigError(f"{shown}: {scrub_text(str(exc), secrets)}") from None
-        except TypeError as exc:
-            raise StoreConfigError(
-                f"{shown}: storage_options were not accepted by the {scheme}:// backend "
-                f"({scrub_text(str(exc), secrets)})"
-            ) from None
-        except Exception as exc:  # a backend that checks its credentials while it is built
-            raise _setup_error(exc, shown, scheme, secrets) from None
+        filesystem, root = _make_filesystem(
+            url, shown, scheme, storage_options, (max_concurrency, max_attempts)
+        )
     else:
         root = filesystem._strip_protocol(url)
 
-    store: ObjectStore
-    if _is_local(filesystem):
-        store = LocalStore(shown, root, max_concurrency)
-    elif type(filesystem).__name__ == "S3FileSystem":
-        from .s3 import S3Store
-
-        bucket = filesystem.split_path(root)[0]
-        if not bucket:
-            raise StoreConfigError(f"{shown}: the URL names no bucket; use s3://BUCKET/PREFIX")
-        store = S3Store(filesystem, shown, root, max_concurrency, max_attempts)
-    elif _is_instance_of(filesystem, "gcsfs", "GCSFileSystem"):
-        from .gcs import GCSStore
-
-        if not filesystem.split_path(root)[0]:
-            raise StoreConfigError(f"{shown}: the URL names no bucket; use gs://BUCKET/PREFIX")
-        store = GCSStore(filesystem, shown, root, max_concurrency, max_attempts)
-    elif _is_instance_of(filesystem, "adlfs", "AzureBlobFileSystem"):
-        from .azure import AzureBlobStore
-
-        if not filesystem.split_path(root)[0]:
-            raise StoreConfigError(f"{shown}: the URL names no container; use az://CONTAINER/PREFIX")
-        store = AzureBlobStore(filesystem, shown, root, max_concurrency, max_attempts)
-    else:
-        store = FsspecStore(filesystem, shown, root, max_concurrency)
+    store = _backend_for(filesystem).make(filesystem, shown, root, max_concurrency, max_attempts)
     store.deadline = deadline
     if retry_window is not None:
         store.retry_window = retry_window
     return store
+
+
+def _make_filesystem(
+    url: str, shown: str, scheme: str, storage_options: dict[str, Any] | None, settings: tuple[int, int]
+) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem for ``url`` and the root path in it, with the backend's options
+    prepared (``settings``: max_concurrency, max_attempts); errors of ours, scrubbed of secrets."""
+    secrets = secret_values(storage_options or {})
+    options = dict(storage_options or {})
+    backend = _backend_for_scheme(scheme)
+    if backend is not None and backend.prepare is not None:
+        backend.prepare(options, *settings)
+    try:
+        filesystem, root = fsspec.core.url_to_fs(url, **options)
+    except ImportError as exc:
+        hint = (
+            f"pip install 'dcp-cloud[{backend.extra}]'"
+            if backend is not None and backend.extra
+            else f"install the fsspec backend for {scheme}://"
+        )
+        raise StoreConfigError(
+            f"{shown}: the {scheme}:// backend is not installed ({scrub_text(str(exc), secrets)}). "
+            f"Run: {hint}"
+        ) from None
+    except ValueError as exc:
+        if "protocol" in str(exc).lower():
+            raise StoreConfigError(
+                f"{shown}: unknown URL scheme {scheme!r}. Use s3://, gs://, az://, abfs://, "
+                "file://, memory://, a local path, or any scheme an installed fsspec backend "
+                "provides."
+            ) from None
+        raise StoreConfigError(f"{shown}: {scrub_text(str(exc), secrets)}") from None
+    except TypeError as exc:
+        raise StoreConfigError(
+            f"{shown}: storage_options were not accepted by the {scheme}:// backend "
+            f"({scrub_text(str(exc), secrets)})"
+        ) from None
+    except Exception as exc:  # a backend that checks its credentials while it is built
+        raise _setup_error(exc, shown, scheme, secrets) from None
+    return filesystem, root
 
 
 def _check_endpoint(options: dict[str, Any], shown: str) -> None:
@@ -173,13 +241,6 @@ def _is_local(filesystem: AbstractFileSystem) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(filesystem, LocalFileSystem)
-
-
-def _is_instance_of(filesystem: AbstractFileSystem, module: str, class_name: str) -> bool:
-    """Whether ``filesystem`` is (a subclass of) ``module.class_name``, without importing it."""
-    loaded = sys.modules.get(module)
-    cls = getattr(loaded, class_name, None) if loaded is not None else None
-    return isinstance(cls, type) and isinstance(filesystem, cls)
 
 
 def _prepare_gcsfs(options: dict[str, Any]) -> None:

@@ -26,9 +26,9 @@ from s3fs.errors import translate_boto_error
 
 from ..errors import BucketNotFoundError, StoreAccessError
 from ..options import CONNECT_TIMEOUT, READ_TIMEOUT
-from .base import MultipartUpload, ObjectInfo, PendingUpload, redacted_endpoint
+from .base import MultipartUpload, ObjectInfo, ObjectStore, PendingUpload, redacted_endpoint
 from .body import PartBody
-from .bucket import BucketStore
+from .bucket import BucketPath
 
 
 class IncompleteBody(ConnectionError):
@@ -101,18 +101,26 @@ def http_status(exc: BaseException | None) -> int | None:
     return None
 
 
-class S3Store(BucketStore):
+class S3Store(ObjectStore):
     """Store over an ``s3fs.S3FileSystem``."""
 
     supports_conditional_put = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
-        super().__init__(fs, url, root, max_concurrency)
+        super().__init__(url, root, max_concurrency)
+        self.fs = fs
+        #: the bucket and key prefix of the store root
+        self.place = BucketPath.of(fs, url, self.root)
         self.max_attempts = max_attempts
         #: whether botocore retries requests itself (then ours retry only cut-off bodies)
         self._client_retries = not _take_over_retries(fs, max_attempts)
         #: whether a request proved the bucket exists (``exists`` then needs no bucket check)
         self._bucket_seen = False
+
+    @property
+    def loop(self) -> Any:
+        """The event loop of the filesystem's client (its sessions are bound to it)."""
+        return self.fs.loop
 
     @property
     def endpoint(self) -> str:
@@ -134,8 +142,8 @@ class S3Store(BucketStore):
 
     def _bucket_not_found(self) -> BucketNotFoundError:
         return BucketNotFoundError(
-            f"{self.url}: bucket {self.bucket!r} does not exist. Create it (for example "
-            f"`aws s3 mb s3://{self.bucket}`) or fix the URL."
+            f"{self.url}: bucket {self.place.bucket!r} does not exist. Create it (for example "
+            f"`aws s3 mb s3://{self.place.bucket}`) or fix the URL."
         )
 
     def _translate(self, exc: BaseException, key: str) -> BaseException:
@@ -144,12 +152,12 @@ class S3Store(BucketStore):
             return self._bucket_not_found()
         if code in _ACCESS_CODES or isinstance(exc, PermissionError):
             return StoreAccessError(
-                f"{self.url}: the store refused the request on {self.full_key(key)!r} ({code or exc}). "
+                f"{self.url}: the store refused the request on {self.place.full_key(key)!r} ({code or exc}). "
                 "Check the credentials (key/secret, AWS_PROFILE, AWS_* variables) and the "
                 "bucket policy."
             )
         if code == "PreconditionFailed":
-            return FileExistsError(f"{self.url}: {self.full_key(key)} already exists")
+            return FileExistsError(f"{self.url}: {self.place.full_key(key)} already exists")
         return exc
 
     async def _client_call(self, method: str, **kwargs: Any) -> Any:
@@ -187,7 +195,13 @@ class S3Store(BucketStore):
         condition = {"IfNoneMatch": "*"} if if_absent else {}
         body = data if isinstance(data, bytes) else PartBody(data)
         await self._s3(
-            "put", key, "put_object", Bucket=self.bucket, Key=self.full_key(key), Body=body, **condition
+            "put",
+            key,
+            "put_object",
+            Bucket=self.place.bucket,
+            Key=self.place.full_key(key),
+            Body=body,
+            **condition,
         )
 
     async def _get_into(self, kind: str, key: str, out: memoryview | None, **range_kw: Any) -> Any:
@@ -200,7 +214,13 @@ class S3Store(BucketStore):
 
         try:
             return await self._s3(
-                kind, key, "get_object", read, Bucket=self.bucket, Key=self.full_key(key), **range_kw
+                kind,
+                key,
+                "get_object",
+                read,
+                Bucket=self.place.bucket,
+                Key=self.place.full_key(key),
+                **range_kw,
             )
         except OSError as exc:
             if range_kw and http_status(exc) == 416:
@@ -231,7 +251,7 @@ class S3Store(BucketStore):
         as a bare 404: only then is the bucket checked, once per store while it exists.
         """
         try:
-            await self._s3("head", key, "head_object", Bucket=self.bucket, Key=self.full_key(key))
+            await self._s3("head", key, "head_object", Bucket=self.place.bucket, Key=self.place.full_key(key))
         except FileNotFoundError as exc:
             if isinstance(exc, BucketNotFoundError):
                 raise
@@ -244,7 +264,7 @@ class S3Store(BucketStore):
     async def _bucket_exists(self, key: str) -> bool:
         """Whether the bucket exists (True when the store will not say, e.g. no permission)."""
         try:
-            await self._s3("head", key, "head_bucket", Bucket=self.bucket)
+            await self._s3("head", key, "head_bucket", Bucket=self.place.bucket)
         except FileNotFoundError:
             return False
         except Exception:  # cannot tell: answer for the object alone
@@ -253,11 +273,11 @@ class S3Store(BucketStore):
         return True
 
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
-        full_prefix = self.full_key(prefix)
+        full_prefix = self.place.full_key(prefix)
         infos: list[ObjectInfo] = []
         token: str | None = None
         while True:
-            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full_prefix}
+            kwargs: dict[str, Any] = {"Bucket": self.place.bucket, "Prefix": full_prefix}
             if token:
                 kwargs["ContinuationToken"] = token
             page = await self._s3("list", prefix, "list_objects_v2", **kwargs)
@@ -265,7 +285,7 @@ class S3Store(BucketStore):
                 modified = obj.get("LastModified")
                 infos.append(
                     ObjectInfo(
-                        self.relative_key(obj["Key"]),
+                        self.place.relative_key(obj["Key"]),
                         int(obj.get("Size", 0)),
                         modified.timestamp() if modified is not None else None,
                     )
@@ -282,19 +302,23 @@ class S3Store(BucketStore):
                 "delete",
                 batch[0],
                 "delete_objects",
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": self.full_key(k)} for k in batch], "Quiet": True},
+                Bucket=self.place.bucket,
+                Delete={"Objects": [{"Key": self.place.full_key(k)} for k in batch], "Quiet": True},
             )
 
     async def start_upload(self, key: str) -> MultipartUpload:
         response = await self._s3(
-            "start_upload", key, "create_multipart_upload", Bucket=self.bucket, Key=self.full_key(key)
+            "start_upload",
+            key,
+            "create_multipart_upload",
+            Bucket=self.place.bucket,
+            Key=self.place.full_key(key),
         )
         return MultipartUpload(key, response["UploadId"])
 
     def _upload_args(self, upload: MultipartUpload) -> dict[str, Any]:
         """The arguments that name a multipart upload in S3's API."""
-        return {"Bucket": self.bucket, "Key": self.full_key(upload.key), "UploadId": upload.state}
+        return {"Bucket": self.place.bucket, "Key": self.place.full_key(upload.key), "UploadId": upload.state}
 
     async def upload_part(
         self, upload: MultipartUpload, part_number: int, offset: int, data: bytes | bytearray | memoryview
@@ -327,12 +351,12 @@ class S3Store(BucketStore):
                 "list",
                 prefix,
                 "list_multipart_uploads",
-                Bucket=self.bucket,
-                Prefix=self.full_key(prefix),
+                Bucket=self.place.bucket,
+                Prefix=self.place.full_key(prefix),
                 **markers,
             )
             for item in page.get("Uploads", []):
-                key = self.relative_key(item["Key"])
+                key = self.place.relative_key(item["Key"])
                 upload = MultipartUpload(key, item["UploadId"])
                 activity = max(item["Initiated"].timestamp(), await self._newest_part(upload))
                 found.append(PendingUpload(key, activity, upload))
