@@ -23,7 +23,6 @@ from typing import Any
 
 import crc32c
 import torch
-import torch.distributed as dist
 from fsspec import AbstractFileSystem
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import Metadata
@@ -34,11 +33,10 @@ from torch.futures import Future
 from ..checkpoint import layout
 from ..checkpoint.items import safe_item_bytes
 from ..checkpoint.manifest import ItemRecord, Manifest
-from ..checkpoint.metadata import load_metadata
+from ..checkpoint.stored import StoredCheckpoint, checksum_mismatch
 from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    IncompleteCheckpointError,
     UnsafeCheckpointError,
 )
 from ..options import TransferOptions
@@ -51,10 +49,6 @@ from .fetcher import Fetcher
 from .plan import DirectRead, FetchRange, StoredItem, item_names, plan_reads
 
 logger = logging.getLogger("dcp_cloud")
-
-
-def _is_rank_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class CloudStorageReader(StoreConnection, StorageReader):
@@ -158,14 +152,8 @@ class CloudStorageReader(StoreConnection, StorageReader):
             raise failed
         if rank is None:
             self._metadata_error = None
-        key = layout.metadata_key(rank)
-        store = self.store
         try:
-            try:
-                data = store.run(store.get(key))
-            except FileNotFoundError:
-                raise self._missing_error(key) from None
-            metadata = load_metadata(data, f"{store.url}/{key}")
+            metadata = StoredCheckpoint(self.store).read_metadata(rank)
             self._manifest = self._read_manifest(metadata)
         except BaseException as exc:
             if rank is None:
@@ -247,10 +235,8 @@ class CloudStorageReader(StoreConnection, StorageReader):
         payload, target = route.payload, route.target
         if self.verify_checksums and crc32c.crc32c(tensor_memory(target)) != payload.crc32c:
             start = fetch.start + payload.offset
-            raise CorruptCheckpointError(
-                f"{self.store.url}/{fetch.key}: checksum mismatch in bytes [{start}, "
-                f"{start + payload.length}) holding {item_names(fetch.items)}. The object is corrupt; "
-                "load an earlier checkpoint (verify_checksums=False skips this check)."
+            raise checksum_mismatch(
+                f"{self.store.url}/{fetch.key}", start, start + payload.length, item_names(fetch.items)
             )
         planner.commit_tensor(fetch.items[0].requests[0], target)
 
@@ -267,11 +253,11 @@ class CloudStorageReader(StoreConnection, StorageReader):
             item_view = data[start : start + item.length]
             record = records.get((fetch.key, item.offset))
             if record is not None and crc32c.crc32c(item_view) != record.crc32c:
-                raise CorruptCheckpointError(
-                    f"{self.store.url}/{fetch.key}: checksum mismatch in bytes "
-                    f"[{item.offset}, {item.offset + item.length}) holding {item_names([item])}. "
-                    "The object is corrupt; load an earlier checkpoint "
-                    "(verify_checksums=False skips this check)."
+                raise checksum_mismatch(
+                    f"{self.store.url}/{fetch.key}",
+                    item.offset,
+                    item.offset + item.length,
+                    item_names([item]),
                 )
             first = item.requests[0]
             if any(r.type != first.type for r in item.requests):
@@ -358,19 +344,14 @@ class CloudStorageReader(StoreConnection, StorageReader):
         None for other checkpoints. A missing, unreadable or disagreeing manifest raises
         :class:`CorruptCheckpointError`, or with ``verify_checksums=False`` is skipped with a
         warning."""
-        save_id = getattr(metadata.storage_meta, "save_id", None)
-        infos = (metadata.storage_data or {}).values()
-        if not save_id or not any(layout.save_id_of_key(i.relative_path) == save_id for i in infos):
+        save_id = StoredCheckpoint.save_id_of(metadata)
+        if save_id is None:
             return None  # not written by dcp_cloud: no manifest to check against
-        store = self.store
-        key = layout.manifest_key(save_id)
-        where = f"{store.url}/{key}"
+        where = f"{self.store.url}/{layout.manifest_key(save_id)}"
         try:
-            manifest = Manifest.from_json(store.run(store.get(key)), where, save_id)
+            manifest = StoredCheckpoint(self.store).read_manifest(save_id)
             _check_agreement(manifest, metadata, where)
             return manifest
-        except FileNotFoundError:
-            problem = f"{where} is missing"
         except UnsafeCheckpointError as exc:
             # a crafted manifest: refused as it is, with no advice to check less
             if self.verify_checksums:
@@ -386,25 +367,6 @@ class CloudStorageReader(StoreConnection, StorageReader):
             )
         logger.warning("%s; loading without checksums (verify_checksums=False)", problem)
         return None
-
-    def _missing_error(self, key: str) -> CheckpointNotFoundError:
-        store = self.store
-        if key != layout.METADATA_KEY:
-            return CheckpointNotFoundError(
-                f"{store.url}: no {key} either (rank-local metadata of use_collectives=False)"
-            )
-        if _is_rank_zero():
-            objects = store.run(store.list_objects(""))
-            data = [o.key for o in objects if o.key.endswith(layout.DATA_SUFFIX)]
-            if data:
-                return IncompleteCheckpointError(
-                    f"{store.url}: {len(data)} data objects but no .metadata: a save that never "
-                    "committed (crashed or still running). Load an earlier checkpoint; "
-                    "`dcp-cloud gc` removes the debris."
-                )
-        return CheckpointNotFoundError(
-            f"{store.url}: no checkpoint here (no .metadata). Check the URL, or save first."
-        )
 
 
 def _check_agreement(manifest: Manifest, metadata: Metadata, where: str) -> None:

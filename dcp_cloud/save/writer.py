@@ -40,6 +40,7 @@ from ..checkpoint.confine import is_confined
 from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
 from ..checkpoint.metadata import load_metadata
 from ..checkpoint.ownership import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS, Heartbeat, Intent, read_save
+from ..checkpoint.stored import StoredCheckpoint
 from ..errors import CheckpointExistsError, DcpCloudError
 from ..options import WRITER_MEMORY_BUDGET, TransferOptions
 from ..stats import StatsRecorder, TransferStats
@@ -75,21 +76,6 @@ class _WrittenItem:
     info: _StorageInfo
     crc32c: int
     payload: PayloadRecord | None = None
-
-
-def _keys_of(metadata: Metadata) -> set[str]:
-    """Every object a committed checkpoint needs (its data objects, and its save's records),
-    among the keys that lie inside the checkpoint (a crafted locator is never recorded)."""
-    keys: set[str] = set()
-    for info in (metadata.storage_data or {}).values():
-        path = getattr(info, "relative_path", None)
-        if isinstance(path, str) and is_confined(path):
-            keys.add(path)
-    save_id = getattr(metadata.storage_meta, "save_id", None)
-    if isinstance(save_id, str) and any(layout.save_id_of_key(k) == save_id for k in keys):
-        keys.add(layout.manifest_key(save_id))
-        keys.add(layout.intent_key(save_id))
-    return keys
 
 
 class _Lease:
@@ -380,7 +366,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             self._discard(manifest)
             raise self._exists_error(key)
         if previous is not None:
-            manifest.replaced = _keys_of(previous)
+            manifest.replaced = StoredCheckpoint.referenced_keys(previous)
         store.run(store.put(layout.manifest_key(prefix.save_id), manifest.to_json()))
         try:
             store.run(store.put(key, pickle.dumps(metadata, protocol=4), if_absent=not self.overwrite))
@@ -571,13 +557,11 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
 
     def _read_committed(self, key: str) -> Metadata | None:
         """The metadata this save replaces, or None."""
-        store = self.store
-        try:
-            data = store.run(store.get(key))
-        except FileNotFoundError:
+        data = StoredCheckpoint(self.store).read_committed(key)
+        if data is None:
             return None
         try:
-            return load_metadata(data, f"{store.url}/{key}")
+            return load_metadata(data, f"{self.store.url}/{key}")
         except Exception as exc:  # unreadable or crafted: replaced, but never cleaned up after
             logger.warning("not cleaning up after the replaced checkpoint: %s", exc)
             return None
@@ -625,7 +609,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         recorded = read_save(self.store, "", previous_id, intent=False)
         if recorded.manifest is None:
             return []
-        keep = _keys_of(current) | _keys_of(previous)
+        keep = StoredCheckpoint.referenced_keys(current) | StoredCheckpoint.referenced_keys(previous)
         by_save: dict[str, list[str]] = {}
         for key in recorded.manifest.replaced:
             save_id = layout.save_id_of_key(key) if is_confined(key) else None

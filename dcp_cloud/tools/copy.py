@@ -28,11 +28,11 @@ from ..checkpoint import layout
 from ..checkpoint.confine import confine_key, is_confined
 from ..checkpoint.manifest import Manifest
 from ..checkpoint.metadata import load_metadata
+from ..checkpoint.stored import StoredCheckpoint
 from ..errors import CheckpointExistsError, CorruptCheckpointError, DcpCloudError, UnsafeCheckpointError
 from ..options import MiB
 from ..store import ObjectStore, open_store
 from ..store.local import LocalStore
-from .info import read_metadata
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -50,15 +50,6 @@ class CopyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def data_keys(metadata: Metadata) -> set[str]:
-    """The data objects that committed metadata points to, as written there (not confined)."""
-    return {
-        info.relative_path
-        for info in (metadata.storage_data or {}).values()
-        if isinstance(getattr(info, "relative_path", None), str)
-    }
 
 
 def confined_data_keys(metadata: Metadata, where: str) -> set[str]:
@@ -100,10 +91,8 @@ def _manifest_bytes(
     src: ObjectStore, metadata: Metadata, keys: set[str], replaced: set[str]
 ) -> tuple[str, bytes] | None:
     """The source manifest, rewritten to record what it replaces at the destination."""
-    save_id = getattr(metadata.storage_meta, "save_id", None)
-    if not isinstance(save_id, str) or not layout.is_save_id(save_id):
-        return None
-    if not any(layout.save_id_of_key(k) == save_id for k in keys):
+    save_id = StoredCheckpoint.save_id_of(metadata)
+    if save_id is None:
         return None
     key = layout.manifest_key(save_id)
     _check_inside(src, key)
@@ -121,9 +110,8 @@ def _manifest_bytes(
 
 def _previous(dst: ObjectStore, overwrite: bool) -> Metadata | None:
     """The checkpoint committed at the destination (refused unless ``overwrite``)."""
-    try:
-        data = dst.run(dst.get(layout.METADATA_KEY))
-    except FileNotFoundError:
+    data = StoredCheckpoint(dst).read_committed()
+    if data is None:
         return None
     if not overwrite:
         raise CheckpointExistsError(
@@ -170,11 +158,7 @@ def copy_checkpoint(
     _check_distinct(source, target, dst_storage_options is None and dst_filesystem is filesystem)
     _check_inside(source, layout.METADATA_KEY)
 
-    try:
-        metadata_bytes = source.run(source.get(layout.METADATA_KEY))
-    except FileNotFoundError:
-        read_metadata(source)  # raises the error that says what is there instead
-        raise
+    metadata_bytes = StoredCheckpoint(source).read_metadata_bytes()
     where = f"{source.url}/{layout.METADATA_KEY}"
     metadata = load_metadata(metadata_bytes, where)
     keys = confined_data_keys(metadata, where)
@@ -192,7 +176,9 @@ def copy_checkpoint(
     previous = _previous(target, overwrite)
     report.replaced = previous is not None
     existing = {o.key for o in target.run(target.list_objects(""))}
-    manifest = _manifest_bytes(source, metadata, keys, data_keys(previous) if previous else set())
+    manifest = _manifest_bytes(
+        source, metadata, keys, StoredCheckpoint.data_keys(previous) if previous else set()
+    )
     if manifest is not None:
         _check_inside(target, manifest[0])
 

@@ -11,9 +11,7 @@ import torch
 from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from ..checkpoint import layout
-from ..checkpoint.metadata import load_metadata
-from ..errors import CheckpointNotFoundError, IncompleteCheckpointError
+from ..checkpoint.stored import StoredCheckpoint
 from ..store import ObjectStore, open_store
 
 
@@ -54,20 +52,7 @@ def read_metadata(store: ObjectStore) -> Metadata:
         IncompleteCheckpointError: data objects exist but no ``.metadata``.
         CheckpointNotFoundError: nothing checkpoint-like at the URL.
     """
-    try:
-        data = store.run(store.get(layout.METADATA_KEY))
-    except FileNotFoundError:
-        objects = store.run(store.list_objects(""))
-        if any(o.key.endswith(layout.DATA_SUFFIX) for o in objects):
-            raise IncompleteCheckpointError(
-                f"{store.url}: data objects but no .metadata: a save that never committed (or is "
-                "still running). Use an earlier checkpoint; `dcp-cloud gc` removes the debris."
-            ) from None
-        raise CheckpointNotFoundError(
-            f"{store.url}: no checkpoint here (no .metadata). Check the URL; `dcp-cloud ls` "
-            "lists the checkpoints under a prefix."
-        ) from None
-    return load_metadata(data, f"{store.url}/{layout.METADATA_KEY}")
+    return StoredCheckpoint(store).read_metadata()
 
 
 def _element_size(dtype: torch.dtype) -> int:

@@ -28,10 +28,10 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from ..checkpoint import layout
 from ..checkpoint.manifest import ItemRecord, Manifest
+from ..checkpoint.stored import StoredCheckpoint, checksum_mismatch_text
 from ..errors import CorruptCheckpointError
 from ..options import MiB
 from ..store import ObjectStore, open_store
-from .info import read_metadata
 
 MISSING = "missing"
 SIZE = "size"
@@ -123,22 +123,17 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def _read_manifest(
-    store: ObjectStore, metadata: Metadata, keys: list[str], report: VerifyReport
-) -> Manifest | None:
-    save_id = getattr(metadata.storage_meta, "save_id", None)
-    report.save_id = save_id
-    if not save_id or not any(layout.save_id_of_key(k) == save_id for k in keys):
+def _read_manifest(store: ObjectStore, metadata: Metadata, report: VerifyReport) -> Manifest | None:
+    report.save_id = getattr(metadata.storage_meta, "save_id", None)
+    save_id = StoredCheckpoint.save_id_of(metadata)
+    if save_id is None:
         report.warnings.append(
             "not written by dcp_cloud (no manifest): checked existence and sizes only, no checksums"
         )
         return None
     key = layout.manifest_key(save_id)
-    where = f"{store.url}/{key}"
     try:
-        return Manifest.from_json(store.run(store.get(key)), where, save_id)
-    except FileNotFoundError:
-        problem = f"{where} is missing"
+        return StoredCheckpoint(store).read_manifest(save_id)
     except CorruptCheckpointError as exc:
         problem = str(exc).rstrip(".")
     report.problems.append(
@@ -189,9 +184,9 @@ def verify_checkpoint(
     """
     store = open_store(url, storage_options, filesystem, max_concurrency)
     report = VerifyReport(url=store.url)
-    metadata = read_metadata(store)
+    metadata = StoredCheckpoint(store).read_metadata()
     by_object = _items_by_object(metadata)
-    manifest = _read_manifest(store, metadata, list(by_object), report)
+    manifest = _read_manifest(store, metadata, report)
     report.has_manifest = manifest is not None
     report.objects = len(by_object)
     report.items = sum(len(items) for items in by_object.values())
@@ -329,8 +324,7 @@ def _finish(store: ObjectStore, item: _Item, report: VerifyReport) -> None:
             Problem(
                 item.key,
                 CHECKSUM,
-                f"{store.url}/{item.key}: checksum mismatch in bytes [{item.offset}, {item.end}) "
-                f"holding {_shown(names)}",
+                checksum_mismatch_text(f"{store.url}/{item.key}", item.offset, item.end, _shown(names)),
                 names,
             )
         )
