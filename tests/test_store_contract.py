@@ -18,7 +18,7 @@ from dcp_cloud.errors import BucketNotFoundError, UnsafeCheckpointError
 from dcp_cloud.options import MIN_PART_SIZE
 from dcp_cloud.store import ObjectStore, open_store
 
-from .conftest import BUCKET, Target
+from .conftest import BUCKET, Target, make_target
 
 #: an object whose every byte tells where it lies
 BODY = bytes(range(256)) * 4
@@ -33,6 +33,24 @@ _BUCKET_STORES = {"s3", "gcs", "azure"}
 def store(target: Target) -> Iterator[ObjectStore]:
     """The store at the target's URL."""
     yield open_store(target.url, target.storage_options)
+
+
+@pytest.fixture(params=sorted(_BUCKET_STORES))
+def bucket_target(request: pytest.FixtureRequest, tmp_path: Any) -> Target:
+    """A fresh URL on each store that has buckets (the cloud stores)."""
+    return make_target(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def bucket_store(bucket_target: Target) -> ObjectStore:
+    return open_store(bucket_target.url, bucket_target.storage_options)
+
+
+@pytest.fixture(params=sorted(_BUCKET_STORES | {"file"}))
+def conditional_store(request: pytest.FixtureRequest, tmp_path: Any) -> ObjectStore:
+    """A store that enforces ``if_absent`` atomically (memory:// checks it best-effort only)."""
+    target = make_target(request.param, request, tmp_path)
+    return open_store(target.url, target.storage_options)
 
 
 def run(store: ObjectStore, coro: Any) -> Any:
@@ -116,9 +134,8 @@ def requests_made(store: ObjectStore, call: Any) -> tuple[Any, int]:
     return result, sum(after[0].values()) - sum(before[0].values()) + after[1] - before[1]
 
 
-def test_cloud_stores_send_no_request_for_a_read_of_nothing(store: ObjectStore, target: Target) -> None:
-    if target.store not in _BUCKET_STORES:
-        pytest.skip("a local read of nothing costs no request")
+def test_cloud_stores_send_no_request_for_a_read_of_nothing(bucket_store: ObjectStore) -> None:
+    store = bucket_store
     run(store, store.put("r", BODY))
     assert requests_made(store, lambda: store.get_range("r", 100, 100)) == (b"", 0)
     assert requests_made(store, lambda: store.get_range("r", 100, 50)) == (b"", 0)
@@ -196,9 +213,9 @@ def test_put_if_absent_refuses_an_existing_key(store: ObjectStore, target: Targe
     assert store.supports_conditional_put == (target.store != "memory")
 
 
-def test_put_if_absent_lets_exactly_one_of_concurrent_writers_win(store: ObjectStore) -> None:
-    if not store.supports_conditional_put:
-        pytest.skip("this store checks if_absent best-effort only (supports_conditional_put=False)")
+def test_put_if_absent_lets_exactly_one_of_concurrent_writers_win(conditional_store: ObjectStore) -> None:
+    store = conditional_store
+    assert store.supports_conditional_put
 
     async def race() -> list[Any]:
         puts = [store.put("commit", f"writer-{i}".encode(), if_absent=True) for i in range(4)]
@@ -306,11 +323,9 @@ def test_list_uploads_shows_a_started_upload_until_it_is_aborted(store: ObjectSt
 
 
 @pytest.fixture
-def missing_bucket_store(target: Target) -> ObjectStore:
-    if target.store not in _BUCKET_STORES:
-        pytest.skip("local folders and memory have no buckets")
-    url = target.url.replace(BUCKET, "no-such-bucket-here", 1)
-    return open_store(url, target.storage_options)
+def missing_bucket_store(bucket_target: Target) -> ObjectStore:
+    url = bucket_target.url.replace(BUCKET, "no-such-bucket-here", 1)
+    return open_store(url, bucket_target.storage_options)
 
 
 @pytest.mark.parametrize("operation", ["put", "get", "get_range", "list_objects", "start_upload+part"])
