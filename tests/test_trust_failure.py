@@ -292,27 +292,32 @@ def test_dead_endpoints_with_default_options_fail_within_a_minute() -> None:
     with Blackhole() as hole:
         refused = f"http://127.0.0.1:{free_port()}"
 
-        def save(store: str, endpoint: str) -> tuple[float, BaseException | None]:
+        def timed(store: str, endpoint: str, call: Any) -> tuple[float, BaseException | None]:
             url, options = _dead_options(store, endpoint, tight=False)
             start = time.monotonic()
             try:
-                dcp.save(
-                    {"x": torch.ones(4)}, storage_writer=CloudStorageWriter(url, storage_options=options)
-                )
+                call(url, options)
             except BaseException as exc:
                 return time.monotonic() - start, exc
             return time.monotonic() - start, None
 
+        def save(store: str, endpoint: str) -> tuple[float, BaseException | None]:
+            return timed(
+                store,
+                endpoint,
+                lambda url, options: dcp.save(
+                    {"x": torch.ones(4)}, storage_writer=CloudStorageWriter(url, storage_options=options)
+                ),
+            )
+
         def load(store: str, endpoint: str) -> tuple[float, BaseException | None]:
-            url, options = _dead_options(store, endpoint, tight=False)
-            start = time.monotonic()
-            try:
-                dcp.load(
+            return timed(
+                store,
+                endpoint,
+                lambda url, options: dcp.load(
                     {"x": torch.zeros(4)}, storage_reader=CloudStorageReader(url, storage_options=options)
-                )
-            except BaseException as exc:
-                return time.monotonic() - start, exc
-            return time.monotonic() - start, None
+                ),
+            )
 
         cases = [(save, s, hole.endpoint_url) for s in ("s3", "gcs", "azure")]
         cases += [(load, s, refused) for s in ("s3", "gcs", "azure")]
