@@ -18,6 +18,11 @@ from dcp_cloud.testing.azurite import azurite_binary
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
+# gcsfs reads this when imported: on, each request to fake-gcs-server first waits ~60 s on a
+# gRPC probe. Set for the whole session (and so for every child process) before any test can
+# patch the environment: a test that restores os.environ afterwards must not drop it.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
 BUCKET = "dcp-cloud-tests"
 STORES = ["s3", "gcs", "azure", "file", "memory"]
 

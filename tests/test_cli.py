@@ -205,20 +205,22 @@ def test_verify_without_manifest_checks_sizes(tmp_path: Path) -> None:
 # -- gc / prune -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("store_kind", ["s3", "file"])
-def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    root = make_target(store_kind, request, tmp_path)
+def test_gc_prints_what_it_removes_and_passes_its_flags(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """What ``gc`` adds to ``collect_garbage`` (tested in test_gc.py): its flags, its JSON and
+    text output, its exit code."""
+    root = make_target("file", request, tmp_path)
     manager = CheckpointManager(root.url, storage_options=root.storage_options)
     manager.save(1, state(1))
     manager.save(2, state(2))
     store = store_of(root)
     store.run(store.delete(["step-0000000002/.metadata"]))  # save 2 died before its commit
-    # save 3 was killed mid-upload: its intent record (a lease long expired) and an upload
-    dead = "save-20260101T000000Z-0000dead"
+    dead = "save-20260101T000000Z-0000dead"  # save 3 was killed mid-upload, its lease long expired
     intent = Intent(dead, ("__0_",), created=time.time(), heartbeat=time.time(), lease_seconds=0.1)
     store.run(store.put(f"step-0000000003/{layout.intent_key(dead)}", intent.to_json()))
     upload = store.run(store.start_upload(f"step-0000000003/{dead}/__0_0.distcp"))
-    store.run(store.upload_part(upload, 1, 0, b"x" * (5 * MiB)))
+    store.run(store.upload_part(upload, 1, 0, b"x" * 65536))
     time.sleep(0.2)  # past the lease
     debris = {
         k
@@ -226,24 +228,25 @@ def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest,
         if k.startswith(("step-0000000002/", "step-0000000003/"))
     }
 
-    young = run(root, "gc", root.url, "--json")
-    assert young.exit_code == 0
-    assert json.loads(young.stdout)["deleted"] == [] and json.loads(young.stdout)["kept_recent"]
+    young = run(root, "gc", root.url, "--json")  # the default grace keeps young debris
+    doc = json.loads(young.stdout)
+    assert young.exit_code == 0 and doc["deleted"] == [] and doc["kept_recent"] and not doc["dry_run"]
 
     preview = run(root, "gc", root.url, "--grace", "0", "--dry-run", "--json")
     doc = json.loads(preview.stdout)
-    assert set(doc["deleted"]) == debris and len(doc["aborted_uploads"]) == 1 and doc["dry_run"]
-    assert len(store.run(store.list_uploads(""))) == 1
+    assert preview.exit_code == 0 and doc["dry_run"] and doc["url"] == root.url
+    assert set(doc["deleted"]) == debris and len(doc["aborted_uploads"]) == 1 and doc["bytes_freed"] > 0
+    assert len(store.run(store.list_uploads(""))) == 1  # --dry-run reached the library
+
+    shown = run(root, "gc", root.url, "--grace", "0", "--dry-run")
+    assert shown.exit_code == 0 and f"would delete {len(debris)} objects" in shown.stdout
+    assert all(f"would delete {k}" in shown.stdout for k in debris)
 
     done = run(root, "gc", root.url, "--grace", "0")
-    assert (
-        done.exit_code == 0
-        and f"deleted {len(debris)} objects" in done.stdout
-        and "aborted 1 upload" in done.stdout
-    )
+    assert done.exit_code == 0, done.output
+    assert f"deleted {len(debris)} objects" in done.stdout and "aborted 1 upload" in done.stdout
+    assert all(f"deleted {k}" in done.stdout for k in debris)
     assert store.run(store.list_uploads("")) == []
-    left = {o.key for o in store.run(store.list_objects(""))}
-    assert left and all(k.startswith("step-0000000001/") for k in left)
     assert run(root, "verify", f"{root.url}/step-0000000001").exit_code == 0
 
 

@@ -15,6 +15,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from dcp_cloud import collect_garbage
+from dcp_cloud.checkpoint import layout
+from dcp_cloud.checkpoint.ownership import Intent
 from dcp_cloud.store import open_store
 
 from .conftest import BUCKET, Target, make_target
@@ -114,17 +116,30 @@ def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest,
 
 
 def test_gc_removes_uncommitted_saves_and_keeps_committed_ones(target: Target) -> None:
+    """A root of step folders: one committed, one that died before its commit, and one killed
+    mid-upload (an expired intent record and an open upload). Only the committed step stays."""
     root = target
     dcp.save({"x": torch.ones(4)}, storage_writer=root.child("step-1").writer())
     dcp.save({"x": torch.ones(4)}, storage_writer=root.child("step-2").writer())
     store = open_store(root.url, root.storage_options)
     store.run(store.delete(["step-2/.metadata"]))  # step-2 never committed
+    dead = "save-20260101T000000Z-0000dead"
+    intent = Intent(dead, ("__0_",), created=time.time(), heartbeat=time.time(), lease_seconds=0.1)
+    store.run(store.put(f"step-3/{layout.intent_key(dead)}", intent.to_json()))
+    upload = store.run(store.start_upload(f"step-3/{dead}/__0_0.distcp"))
+    store.run(store.upload_part(upload, 1, 0, b"x" * 65536))
+    time.sleep(0.2)  # past the lease
+    open_uploads = store.run(store.list_uploads(""))
+    assert open_uploads or root.store == "memory"  # the memory store holds uploads unlisted
     before = {o.key for o in store.run(store.list_objects(""))}
     report = collect_garbage(root.url, storage_options=root.storage_options, grace_seconds=0)
     after = {o.key for o in store.run(store.list_objects(""))}
-    assert report.deleted and all(k.startswith("step-2/save-") for k in report.deleted)
+    assert report.deleted and all(k.startswith(("step-2/save-", "step-3/save-")) for k in report.deleted)
+    assert f"step-3/{layout.intent_key(dead)}" in report.deleted
+    assert len(report.aborted_uploads) == len(open_uploads)
     assert after == before - set(report.deleted)
-    assert not any(k.startswith("step-2/") for k in after)
+    assert after and all(k.startswith("step-1/") for k in after)
+    assert store.run(store.list_uploads("")) == []
     out = {"x": torch.zeros(4)}
     dcp.load(out, storage_reader=root.child("step-1").reader())
     assert torch.equal(out["x"], torch.ones(4))
