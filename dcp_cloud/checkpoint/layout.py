@@ -31,11 +31,18 @@ DATA_SUFFIX = ".distcp"
 SAVE_ID_PREFIX = "save-"
 #: exactly what :func:`new_save_id` makes; a folder merely named ``save-...`` is not a save
 _SAVE_ID = re.compile(r"save-\d{8}T\d{6}Z-[0-9a-f]{8}")
+#: the commit markers: ``.metadata`` and rank-local ``__<rank>.metadata``
+_METADATA_NAME = re.compile(r"^(?:\.metadata|__\d+\.metadata)$")
 
 
 def metadata_key(rank: int | None = None) -> str:
     """Key of the metadata object; rank-local when ``rank`` is given (use_collectives=False)."""
     return METADATA_KEY if rank is None else f"__{rank}.metadata"
+
+
+def is_metadata_name(name: str) -> bool:
+    """Whether a file name is DCP's commit marker: ``.metadata`` or rank-local ``__N.metadata``."""
+    return isinstance(name, str) and _METADATA_NAME.match(name) is not None
 
 
 def new_save_id() -> str:

@@ -20,8 +20,12 @@ shows its live intent, or its commit is visible to the ``.metadata`` reads that 
 
 Data flow: the writer records an :class:`Intent` and keeps it alive with a :class:`Heartbeat`
 while it saves; gc, prune and overwrite cleanup call :func:`scan`, which lists the prefix, reads
-each save folder's records (:func:`read_save`) and then every ``.metadata`` it found, and
-:func:`collectable` decides per save from that :class:`Scan` whether it may go.
+each save folder's records (:func:`read_save`) and then what every ``.metadata`` it found
+references (:meth:`StoredCheckpoint.read_references
+<dcp_cloud.checkpoint.stored.StoredCheckpoint.read_references>`, the one reading of a committed
+checkpoint), and :func:`collectable` decides per save from that :class:`Scan` whether it may
+go. The commit protocol (:mod:`dcp_cloud.checkpoint.commit`) reads records through
+:func:`read_save` to prove what an older generation left is ours before deleting it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from ..store.keys import join
 from . import layout
 from .confine import is_confined
 from .manifest import Manifest
-from .metadata import load_metadata
+from .stored import StoredCheckpoint
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -63,17 +67,11 @@ _MAX_FILE_PREFIXES = 1_000_000
 MAX_INTENT_BYTES = 64 * 1024 * 1024
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 MAX_METADATA_BYTES = 1024 * 1024 * 1024
-_METADATA_NAME = re.compile(r"^(?:\.metadata|__\d+\.metadata)$")
 _RANK_PREFIX = re.compile(r"__(\d+)_$")
 #: what :func:`layout.rank_file_prefix` makes: optional spreading folders, then ``__<rank>_``
 _FILE_PREFIX = re.compile(r"^(?:[^/]+/)*__\d+_$")
 #: the only data keys a save writes, relative to its folder: ``<file prefix><n>.distcp``
 _DATA_NAME = re.compile(r"^((?:[^/]+/)*__\d+_)\d+" + re.escape(layout.DATA_SUFFIX) + "$")
-
-
-def is_metadata_name(name: str) -> bool:
-    """Whether a file name is DCP's commit marker: ``.metadata`` or rank-local ``__N.metadata``."""
-    return bool(_METADATA_NAME.match(name))
 
 
 def _finite(value: Any, name: str) -> float:
@@ -199,7 +197,7 @@ class SaveFolder:
         if not self.proven or not key.startswith(self.path + "/"):
             return False
         inner = key[len(self.path) + 1 :]
-        if is_metadata_name(inner.rpartition("/")[2]):
+        if layout.is_metadata_name(inner.rpartition("/")[2]):
             return False  # a commit marker is never part of a save's own objects
         if inner in (layout.INTENT_NAME, layout.MANIFEST_NAME):
             return True
@@ -342,30 +340,20 @@ def _read_references(store: ObjectStore, key: str, scan: Scan, size: int | None 
     """Note what one committed ``.metadata`` needs; protect its whole folder if it cannot be
     read (or is larger than ``MAX_METADATA_BYTES`` by its listed ``size``) or names keys
     outside that folder."""
-    folder = _folder_of(key)
+    folder, _, name = key.rpartition("/")
     try:
         if not _fits(size, MAX_METADATA_BYTES):
             raise ValueError(f"it is {size} bytes, more than the {MAX_METADATA_BYTES} read")
-        data = _read(store, key)
-        if data is None:  # not committed (or deleted since the listing)
-            return
-        metadata = load_metadata(data, f"{store.url}/{key}")
-        locators = [getattr(info, "relative_path", None) for info in (metadata.storage_data or {}).values()]
-        unconfined = [path for path in locators if not is_confined(path)]
-        if unconfined:
-            raise ValueError(f"it names {unconfined[0]!r}, outside its folder")
+        references = StoredCheckpoint(store, folder).read_references(name)
     except Exception as exc:
         scan.unreadable_metadata.append(key)
         scan.protected_folders.add(folder)
         logger.warning("dcp_cloud: keeping everything under %r: %s", folder or ".", exc)
         return
-    paths = [path for path in locators if isinstance(path, str)]
-    save_ids = {layout.save_id_of_key(path) for path in paths}
-    own_id = getattr(metadata.storage_meta, "save_id", None)
-    if isinstance(own_id, str) and layout.is_save_id(own_id):
-        save_ids.add(own_id)
-    scan.referenced_saves.update((folder, sid) for sid in save_ids if sid)
-    scan.referenced.update(join(folder, path) for path in paths)
+    if references is None:  # not committed (or deleted since the listing)
+        return
+    scan.referenced_saves.update((folder, save_id) for save_id in references.saves)
+    scan.referenced.update(join(folder, path) for path in references.keys)
 
 
 def scan(store: ObjectStore, prefix: str = "", retiring: Callable[[str], bool] | None = None) -> Scan:
@@ -399,7 +387,7 @@ def scan(store: ObjectStore, prefix: str = "", retiring: Callable[[str], bool] |
     result = Scan(objects=objects, saves=sorted(proven.values(), key=lambda s: s.path))
     # After the records (see the module docstring): the listed markers, and those a save's
     # checkpoint folder may have gained since the listing (a save committing meanwhile).
-    markers = [o.key for o in objects if is_metadata_name(o.key.rpartition("/")[2])]
+    markers = [o.key for o in objects if layout.is_metadata_name(o.key.rpartition("/")[2])]
     for save in result.saves:
         markers += save.marker_keys()
     for key in dict.fromkeys(markers):

@@ -4,9 +4,11 @@ Data flow: ``prepare_global_plan`` (coordinator) gives each rank a key prefix un
 id and records the save's intent and lease. ``write_data`` (every rank) serializes the
 planner's items with ``torch.save`` into :class:`~dcp_cloud.save.upload.ObjectUpload` streams,
 one data object per ``object_size`` bytes, each item aligned and checksummed (CRC32C) as it
-passes. ``finish`` (coordinator) gathers every rank's results into the manifest, writes it,
-then writes ``.metadata`` with one PUT, the commit; only after that does it release the intent
-and delete the generation the new checkpoint replaced.
+passes. ``finish`` (coordinator) gathers every rank's results into the manifest and the
+metadata and hands them to :class:`~dcp_cloud.checkpoint.stored.StoredCheckpoint`, which owns
+the commit protocol (:mod:`dcp_cloud.checkpoint.commit`): the manifest, then ``.metadata`` with
+one PUT, the commit; only after that are the intent released and the generation before the
+replaced checkpoint deleted. The writer itself keeps to DCP's calls, the lease and the stats.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import io
 import itertools
 import logging
 import os
-import pickle
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -36,12 +37,10 @@ from torch.futures import Future
 from .._version import __version__
 from ..buffers import BufferPool
 from ..checkpoint import layout
-from ..checkpoint.confine import is_confined
 from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
-from ..checkpoint.metadata import load_metadata
-from ..checkpoint.ownership import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS, Heartbeat, Intent, read_save
+from ..checkpoint.ownership import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS, Heartbeat, Intent
 from ..checkpoint.stored import StoredCheckpoint
-from ..errors import CheckpointExistsError, DcpCloudError
+from ..errors import DcpCloudError
 from ..options import WRITER_MEMORY_BUDGET, TransferOptions
 from ..stats import StatsRecorder, TransferStats
 from ..store.connection import StoreConnection
@@ -361,23 +360,13 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         metadata.storage_meta = StorageMeta(checkpoint_id=redact_url(self.url), save_id=prefix.save_id)
         key = layout.metadata_key(None if self.use_collectives else self.rank)
 
+        stored = StoredCheckpoint(store)
         previous = self._read_committed(key)
-        if previous is not None and not self.overwrite:
-            self._discard(manifest)
-            raise self._exists_error(key)
-        if previous is not None:
-            manifest.replaced = StoredCheckpoint.referenced_keys(previous)
-        store.run(store.put(layout.manifest_key(prefix.save_id), manifest.to_json()))
-        try:
-            store.run(store.put(key, pickle.dumps(metadata, protocol=4), if_absent=not self.overwrite))
-        except FileExistsError:
-            # Another writer committed first: its checkpoint stands, ours goes.
-            self._discard(manifest)
-            raise self._exists_error(key) from None
+        stored.commit(key, manifest, metadata, overwrite=self.overwrite, previous=previous)
         # Committed: from here on, failures are only logged.
         self._release_intent(prefix.save_id)
         if previous is not None:
-            self._delete_generation_before(previous, metadata)
+            stored.retire_generation_before(previous, metadata)
 
         recorder = self._recorder or StatsRecorder("save", store.url, store.counter)
         recorder.stats.bytes = manifest.total_bytes
@@ -420,17 +409,9 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             self._lease.stop(wait=5.0)
 
     def _release_intent(self, save_id: str) -> None:
-        """After the commit: the committed ``.metadata`` and the manifest now speak for the save."""
+        """After the commit: stop renewing the lease, then remove the intent record."""
         self._end_lease()
-        try:
-            self.store.run(self.store.delete([layout.intent_key(save_id)]))
-        except Exception as exc:
-            logger.warning(
-                "%s: the checkpoint is committed, but removing its intent record failed (%s); "
-                "it expires on its own",
-                self.store.url,
-                exc,
-            )
+        StoredCheckpoint(self.store).release_intent(save_id)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -545,85 +526,10 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             raise failed[0].exception()  # type: ignore[misc]
 
     def _refuse_if_committed(self) -> None:
-        key = layout.metadata_key(None if self.use_collectives else self.rank)
-        if self.store.run(self.store.exists(key)):
-            raise self._exists_error(key)
-
-    def _exists_error(self, key: str) -> CheckpointExistsError:
-        return CheckpointExistsError(
-            f"{self.store.url}: a checkpoint is already committed here ({key} exists) and "
-            "overwrite=False. Save to a new URL, delete the old checkpoint, or pass overwrite=True."
+        StoredCheckpoint(self.store).refuse_if_committed(
+            layout.metadata_key(None if self.use_collectives else self.rank)
         )
 
     def _read_committed(self, key: str) -> Metadata | None:
         """The metadata this save replaces, or None."""
-        data = StoredCheckpoint(self.store).read_committed(key)
-        if data is None:
-            return None
-        try:
-            return load_metadata(data, f"{self.store.url}/{key}")
-        except Exception as exc:  # unreadable or crafted: replaced, but never cleaned up after
-            logger.warning("not cleaning up after the replaced checkpoint: %s", exc)
-            return None
-
-    def _discard(self, manifest: Manifest) -> None:
-        """Delete this save's objects after it lost the commit (best effort; gc finds the rest)."""
-        keys = sorted(manifest.objects) + [
-            layout.manifest_key(manifest.save_id),
-            layout.intent_key(manifest.save_id),
-        ]
-        try:
-            self.store.run(self.store.delete(keys))
-        except Exception as exc:
-            logger.warning(
-                "%s: could not remove the objects of the save that did not commit: %s", self.store.url, exc
-            )
-
-    def _delete_generation_before(self, previous: Metadata, current: Metadata) -> None:
-        """Delete what the replaced checkpoint had itself replaced; never raises.
-
-        The checkpoint just replaced stays whole, so a load that read its ``.metadata`` before
-        this commit still finishes with that version; the one before it goes now, but only the
-        objects its own save records prove dcp_cloud wrote and neither ``.metadata`` names.
-        Anything else (a garbled or crafted manifest, a failed request) is logged and left for
-        gc.
-        """
-        try:
-            doomed = self._older_generation(previous, current)
-            if doomed:
-                self.store.run(self.store.delete(doomed))
-        except Exception as exc:
-            logger.warning(
-                "%s: the new checkpoint is committed, but cleaning up an older one failed (%s); "
-                "`dcp-cloud gc` removes what is left",
-                self.store.url,
-                exc,
-            )
-
-    def _older_generation(self, previous: Metadata, current: Metadata) -> list[str]:
-        """Keys of the generation before ``previous`` that are provably ours, data first and
-        each save's records last."""
-        previous_id = getattr(previous.storage_meta, "save_id", None)
-        if not isinstance(previous_id, str) or not layout.is_save_id(previous_id):
-            return []  # not written by dcp_cloud: nothing recorded about what it replaced
-        recorded = read_save(self.store, "", previous_id, intent=False)
-        if recorded.manifest is None:
-            return []
-        keep = StoredCheckpoint.referenced_keys(current) | StoredCheckpoint.referenced_keys(previous)
-        by_save: dict[str, list[str]] = {}
-        for key in recorded.manifest.replaced:
-            save_id = layout.save_id_of_key(key) if is_confined(key) else None
-            if save_id is None or key in keep:
-                if key not in keep:
-                    logger.warning("%s: not deleting %r: not a key of a save of ours", self.store.url, key)
-                continue
-            by_save.setdefault(save_id, []).append(key)
-        doomed: list[str] = []
-        records: list[str] = []
-        for save_id, keys in sorted(by_save.items()):
-            # a save that an older .metadata committed: its manifest is its record
-            save = read_save(self.store, "", save_id, intent=False)
-            owned = sorted(k for k in keys if save.accounts_for(k))
-            doomed += [k for k in owned if k not in save.record_keys()]
-            records += [k for k in owned if k in save.record_keys()]
-        return doomed + records
+        return StoredCheckpoint(self.store).read_replaced(key)

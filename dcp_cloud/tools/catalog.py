@@ -21,7 +21,6 @@ from typing import Any
 from fsspec import AbstractFileSystem
 
 from ..checkpoint import layout
-from ..checkpoint.ownership import is_metadata_name
 from ..store import ObjectInfo, open_store
 from ..store.keys import join
 
@@ -78,7 +77,7 @@ def save_folders(keys: Iterable[str]) -> set[str]:
 
 def committed_folders(keys: Iterable[str]) -> set[str]:
     """Folders that a listing shows holding a commit marker (``.metadata``, ``__N.metadata``)."""
-    return {head for head, _, name in (key.rpartition("/") for key in keys) if is_metadata_name(name)}
+    return {head for head, _, name in (key.rpartition("/") for key in keys) if layout.is_metadata_name(name)}
 
 
 def checkpoint_folder(
@@ -94,7 +93,7 @@ def checkpoint_folder(
     """
     parts = key.split("/")
     name = parts[-1]
-    part = is_metadata_name(name) or name.endswith(layout.DATA_SUFFIX)
+    part = layout.is_metadata_name(name) or name.endswith(layout.DATA_SUFFIX)
     for i in range(len(parts) - 1, 0, -1):
         folder = "/".join(parts[:i])
         if committed is not None and folder in committed:

@@ -25,9 +25,8 @@ from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.metadata import Metadata
 
 from ..checkpoint import layout
-from ..checkpoint.confine import confine_key, is_confined
+from ..checkpoint.confine import is_confined
 from ..checkpoint.manifest import Manifest
-from ..checkpoint.metadata import load_metadata
 from ..checkpoint.stored import StoredCheckpoint
 from ..errors import CheckpointExistsError, CorruptCheckpointError, DcpCloudError, UnsafeCheckpointError
 from ..options import MiB
@@ -50,13 +49,6 @@ class CopyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def confined_data_keys(metadata: Metadata, where: str) -> set[str]:
-    """The data objects that committed metadata points to, each confined to the checkpoint;
-    :class:`UnsafeCheckpointError` naming the first that is not (``where`` names the file)."""
-    storage_data = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
-    return {confine_key(getattr(info, "relative_path", None), where) for info in storage_data.values()}
 
 
 def _check_inside(store: ObjectStore, key: str) -> None:
@@ -110,7 +102,8 @@ def _manifest_bytes(
 
 def _previous(dst: ObjectStore, overwrite: bool) -> Metadata | None:
     """The checkpoint committed at the destination (refused unless ``overwrite``)."""
-    data = StoredCheckpoint(dst).read_committed()
+    stored = StoredCheckpoint(dst)
+    data = stored.read_committed()
     if data is None:
         return None
     if not overwrite:
@@ -118,10 +111,7 @@ def _previous(dst: ObjectStore, overwrite: bool) -> Metadata | None:
             f"{dst.url}: a checkpoint is already committed there. Pick another destination, or "
             "pass overwrite=True (--overwrite) to replace it."
         )
-    try:
-        return load_metadata(data, f"{dst.url}/{layout.METADATA_KEY}")
-    except DcpCloudError:
-        return None
+    return stored.replaced_metadata(data)
 
 
 def copy_checkpoint(
@@ -158,10 +148,10 @@ def copy_checkpoint(
     _check_distinct(source, target, dst_storage_options is None and dst_filesystem is filesystem)
     _check_inside(source, layout.METADATA_KEY)
 
-    metadata_bytes = StoredCheckpoint(source).read_metadata_bytes()
-    where = f"{source.url}/{layout.METADATA_KEY}"
-    metadata = load_metadata(metadata_bytes, where)
-    keys = confined_data_keys(metadata, where)
+    stored = StoredCheckpoint(source)
+    metadata_bytes = stored.read_metadata_bytes()
+    metadata = stored.parse_metadata(metadata_bytes)
+    keys = StoredCheckpoint.confined_data_keys(metadata, stored.where(layout.METADATA_KEY))
     for key in sorted(keys):
         _check_inside(source, key)
         _check_inside(target, key)

@@ -61,7 +61,7 @@ def _element_size(dtype: torch.dtype) -> int:
 
 def describe(metadata: Metadata, url: str) -> CheckpointInfo:
     """A :class:`CheckpointInfo` of already-read metadata."""
-    info = CheckpointInfo(url=url, save_id=getattr(metadata.storage_meta, "save_id", None))
+    info = CheckpointInfo(url=url, save_id=StoredCheckpoint.claimed_save_id(metadata))
     for fqn, entry in sorted(metadata.state_dict_metadata.items()):
         if isinstance(entry, TensorStorageMetadata):
             dtype = entry.properties.dtype

@@ -29,8 +29,7 @@ import torch.distributed.checkpoint as dcp
 from fsspec import AbstractFileSystem
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
-from ..checkpoint import ownership
-from ..checkpoint.ownership import is_metadata_name
+from ..checkpoint import layout, ownership
 from ..errors import CheckpointNotFoundError, DcpCloudError
 from ..load.reader import CloudStorageReader
 from ..save.writer import CloudStorageWriter
@@ -78,7 +77,7 @@ def delete_step(store: ObjectStore, step: int) -> int:
 
     def own_marker(key: str) -> bool:
         head, _, name = key.rpartition("/")
-        return head == folder and is_metadata_name(name)
+        return head == folder and layout.is_metadata_name(name)
 
     found = ownership.scan(store, folder + "/", retiring=own_marker)
     markers = [o.key for o in found.objects if own_marker(o.key)]

@@ -103,10 +103,7 @@ class _Window:
 def _items_by_object(metadata: Metadata) -> dict[str, dict[int, _Item]]:
     """Items grouped by data object and offset; one item may hold several fqns' entries."""
     found: dict[str, dict[int, _Item]] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        key = getattr(info, "relative_path", None)
-        if not isinstance(key, str):
-            continue
+    for index, key, info in StoredCheckpoint.located_items(metadata):
         items = found.setdefault(key, {})
         item = items.get(info.offset)
         if item is None:
@@ -124,7 +121,7 @@ def _shown(names: list[str]) -> str:
 
 
 def _read_manifest(store: ObjectStore, metadata: Metadata, report: VerifyReport) -> Manifest | None:
-    report.save_id = getattr(metadata.storage_meta, "save_id", None)
+    report.save_id = StoredCheckpoint.claimed_save_id(metadata)
     save_id = StoredCheckpoint.save_id_of(metadata)
     if save_id is None:
         report.warnings.append(

@@ -143,3 +143,16 @@ def test_accepted_hash_and_plain_prefixes_make_confined_keys(spread: str, rank: 
         return
     key = layout.data_key(SAVE_ID, prefix, 0)
     assert ".." not in key.split("/") and layout.save_id_of_key(key) == SAVE_ID
+
+
+@pytest.mark.parametrize("name", [".metadata", "__0.metadata", "__12.metadata"])
+def test_commit_markers_are_metadata_names(name: str) -> None:
+    assert layout.is_metadata_name(name)
+    assert layout.is_metadata_name(layout.metadata_key(12)) and layout.is_metadata_name(layout.METADATA_KEY)
+
+
+@pytest.mark.parametrize(
+    "name", ["metadata", ".metadata.bak", "__x.metadata", "__.metadata", "a/.metadata", "__1_0.distcp", ""]
+)
+def test_other_names_are_not_metadata_names(name: str) -> None:
+    assert not layout.is_metadata_name(name)
