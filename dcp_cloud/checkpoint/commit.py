@@ -19,6 +19,7 @@ import pickle
 
 from torch.distributed.checkpoint.metadata import Metadata
 
+from ..errors import DcpCloudError
 from ..store.keys import join
 from . import layout
 from .confine import is_confined
@@ -54,10 +55,22 @@ def commit(
     if previous is not None:
         manifest.replaced = StoredCheckpoint.referenced_keys(previous)
     store.run(store.put(stored.key(layout.manifest_key(manifest.save_id)), manifest.to_json()))
+    body = pickle.dumps(metadata, protocol=4)  # unique to this save: it names the save id
     try:
-        store.run(store.put(stored.key(name), pickle.dumps(metadata, protocol=4), if_absent=not overwrite))
+        store.run(store.put(stored.key(name), body, if_absent=not overwrite))
     except FileExistsError:
-        # Another writer committed first: its checkpoint stands, ours goes.
+        # Either another writer committed first, or our own PUT landed and only its answer was
+        # lost, so that a retry found it: only in the first case may this save's objects go.
+        try:
+            ours = stored.read_committed(name) == body
+        except Exception as exc:  # cannot tell: never delete what may be committed
+            raise DcpCloudError(
+                f"{stored.where(name)} already existed when this save committed, and reading it "
+                f"back failed ({exc}), so whether this save committed is unknown. Load the "
+                "checkpoint to find out; `dcp-cloud gc` removes this save's objects if it did not."
+            ) from exc
+        if ours:
+            return
         discard(stored, manifest)
         raise stored.exists_error(name) from None
 

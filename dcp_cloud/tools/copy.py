@@ -100,18 +100,19 @@ def _manifest_bytes(
     return key, manifest.to_json()
 
 
-def _previous(dst: ObjectStore, overwrite: bool) -> Metadata | None:
-    """The checkpoint committed at the destination (refused unless ``overwrite``)."""
+def _previous(dst: ObjectStore, overwrite: bool) -> tuple[bool, Metadata | None]:
+    """Whether a checkpoint is committed at the destination (refused unless ``overwrite``), and
+    its metadata when it can be read."""
     stored = StoredCheckpoint(dst)
     data = stored.read_committed()
     if data is None:
-        return None
+        return False, None
     if not overwrite:
         raise CheckpointExistsError(
             f"{dst.url}: a checkpoint is already committed there. Pick another destination, or "
             "pass overwrite=True (--overwrite) to replace it."
         )
-    return stored.replaced_metadata(data)
+    return True, stored.replaced_metadata(data)
 
 
 def copy_checkpoint(
@@ -163,8 +164,7 @@ def copy_checkpoint(
             f"{source.url}: {len(missing)} data objects that .metadata references are missing "
             f"(first: {missing[0]}); not copying a damaged checkpoint. Run `dcp-cloud verify`."
         )
-    previous = _previous(target, overwrite)
-    report.replaced = previous is not None
+    report.replaced, previous = _previous(target, overwrite)
     existing = {o.key for o in target.run(target.list_objects(""))}
     manifest = _manifest_bytes(
         source, metadata, keys, StoredCheckpoint.data_keys(previous) if previous else set()
