@@ -5,6 +5,11 @@ from dcp_cloud import CloudStorageWriter, CloudStorageReader
 
 dcp.save(state_dict, storage_writer=CloudStorageWriter("s3://bucket/run1/step-1000"))
 dcp.load(state_dict, storage_reader=CloudStorageReader("s3://bucket/run1/step-1000"))
+
+Or, for code that only passes ``checkpoint_id`` (training frameworks), once per process:
+
+dcp_cloud.install()
+dcp.save(state_dict, checkpoint_id="s3://bucket/run1/step-1000")
 """
 
 from ._version import __version__
@@ -22,6 +27,7 @@ from .errors import (
     UnsafeCheckpointError,
     UploadError,
 )
+from .integrations.install import install, uninstall  # imports nothing heavy until called
 from .load.reader import CloudStorageReader
 from .save.writer import CloudStorageWriter
 from .stats import TransferStats
@@ -62,9 +68,11 @@ __all__ = [
     "checkpoint_info",
     "collect_garbage",
     "copy_checkpoint",
+    "install",
     "list_checkpoints",
     "load_full_state_dict",
     "to_safetensors",
     "to_torch_save",
+    "uninstall",
     "verify_checkpoint",
 ]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv with torch 2.13.0 (CPU) and dcp-cloud with its test extras, at the exact versions
-# in constraints.txt (the set the tests run on). Idempotent: a second run changes nothing.
+# Creates .venv with torch 2.13.0 (CPU) and dcp-cloud with its test extras (the framework
+# integrations included), at the exact versions in constraints.txt (the set the tests run on).
+# Idempotent: a second run changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,7 +13,10 @@ fi
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test${EXTRAS:+,$EXTRAS}]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[test-integrations${EXTRAS:+,$EXTRAS}]"
+# torchtitan without its own requirements (datasets, wandb, tensorboard would move fsspec back);
+# what its checkpointing needs comes with the torchtitan extra above.
+.venv/bin/python -m pip install --quiet --no-deps -c constraints.txt torchtitan
 # Azurite, Azure's storage emulator, is an npm package: installed into the virtualenv, where the
 # tests find it (.venv/bin/azurite-blob). Without Node.js the Azure tests are skipped, except in CI.
 AZURITE_VERSION=3.37.0

@@ -33,3 +33,13 @@ def test_fsdp_train_crashes_resumes_and_matches_an_uninterrupted_run() -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "resumed from step 6" in result.stdout
     assert "the resumed run matches the uninterrupted one" in result.stdout
+
+
+@pytest.mark.slow
+def test_torchtitan_example_resumes_and_matches() -> None:
+    pytest.importorskip("torchtitan")
+    result = _run("torchtitan_s3.py", 300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "resumed from step 6" in result.stdout
+    assert "the resumed run matches the first one" in result.stdout
+
