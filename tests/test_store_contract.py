@@ -79,6 +79,15 @@ def test_put_then_get_returns_the_same_bytes(store: ObjectStore, kind: str) -> N
     assert keys_of(store) == {"obj/x.bin": len(body)}
 
 
+def test_put_pieces_writes_the_pieces_as_one_object(store: ObjectStore) -> None:
+    buffer = bytearray(BODY * 3)
+    pieces = [memoryview(buffer)[: len(BODY)], b"", bytes(BODY[::-1]), memoryview(buffer)[7:300]]
+    run(store, store.put_pieces("obj/pieces.bin", pieces))
+    expected = b"".join(bytes(p) for p in pieces)
+    assert run(store, store.get("obj/pieces.bin")) == expected
+    assert keys_of(store) == {"obj/pieces.bin": len(expected)}
+
+
 def test_put_replaces_an_object_whole(store: ObjectStore) -> None:
     run(store, store.put("x", BODY))
     run(store, store.put("x", b"short"))
@@ -361,6 +370,7 @@ _UNSAFE_KEYS = ["../x", "a/../../x", "/abs", "a//b", "./x", "a/%2e%2e/b", "c:/x"
 def test_keys_outside_the_root_are_refused_before_any_request(store: ObjectStore, key: str) -> None:
     calls = [
         lambda: store.put(key, b"1"),
+        lambda: store.put_pieces(key, [b"1", b"2"]),
         lambda: store.get(key),
         lambda: store.get_range(key, 0, 1),
         lambda: store.read_into(key, 0, memoryview(bytearray(1))),

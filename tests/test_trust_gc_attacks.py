@@ -364,6 +364,7 @@ def _hooked_writer(target: Target, hook: _GcAt, **kwargs: Any) -> CloudStorageWr
     store = writer.store
     stage = hook.stage
     put, delete, start, complete = store.put, store.delete, store.start_upload, store.complete_upload
+    put_pieces = store.put_pieces
 
     async def hooked_put(key: str, data: Any, **kw: Any) -> None:
         if stage == "before-intent" and key.endswith("intent.json") and not hook.runs:
@@ -392,7 +393,13 @@ def _hooked_writer(target: Target, hook: _GcAt, **kwargs: Any) -> CloudStorageWr
         if stage == "after-data":
             await _in_thread(hook)
 
+    async def hooked_put_pieces(key: str, pieces: Any) -> None:
+        await put_pieces(key, pieces)
+        if stage == "after-data" and key.endswith(".distcp"):
+            await _in_thread(hook)
+
     store.put, store.delete = hooked_put, hooked_delete  # type: ignore[method-assign]
+    store.put_pieces = hooked_put_pieces  # type: ignore[method-assign]
     store.start_upload, store.complete_upload = hooked_start, hooked_complete  # type: ignore[method-assign]
     return writer
 
@@ -414,13 +421,14 @@ def test_gc_at_each_stage_of_a_save_breaks_nothing(
     root = make_target(kind, request, tmp_path)
     first = _state(1.0)
     dcp.save(first, storage_writer=root.writer())
-    big = {**_state(2.0), "big": torch.arange(6 * 2**20 // 4, dtype=torch.float32)}
+    # 12 MiB: three 5 MiB parts, so the object goes up as a multipart upload
+    big = {**_state(2.0), "big": torch.arange(12 * 2**20 // 4, dtype=torch.float32)}
     hook = _GcAt(root, stage)
     writer = _hooked_writer(root, hook, part_size=5 * 2**20, key_prefix=HashPrefix(2))
     dcp.save(big, storage_writer=writer)
     if stage != "multipart" or kind == "s3":
         assert hook.runs >= 1, "the hook never ran"
-    out = {**_empty(), "big": torch.zeros(6 * 2**20 // 4)}
+    out = {**_empty(), "big": torch.zeros(12 * 2**20 // 4)}
     dcp.load(out, storage_reader=root.reader())
     assert_same(big, out)
 

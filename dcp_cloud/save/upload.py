@@ -3,7 +3,10 @@
 ``ObjectUpload`` is a write-only stream: torch.save writes into it, bytes are copied once into
 pooled part buffers, and each full part is sent while serialization goes on. When the pool is
 empty, ``write`` blocks until a part has been sent: memory stays within the budget however large
-the checkpoint. An object smaller than one part goes up as a single PUT. ``close_async`` lets
+the checkpoint. An object of at most two parts goes up as a single PUT: the first full part is
+held back until a second one fills, so a small object costs one request instead of a multipart
+upload's start, parts and completion, each a round trip (and a completion may copy the object
+server-side). ``close_async`` lets
 the next object start while this one's last parts are still in flight. Stores that write in
 place (local files) take the bytes straight from torch.save's memory instead.
 """
@@ -37,8 +40,10 @@ class ObjectUpload:
         self._position = 0
         self._buffer: bytearray | None = None
         self._fill = 0
+        # the first full part, held while the object may still fit in one PUT of two parts
+        self._held: bytearray | None = None
         self._parts_sent = 0
-        # started by the first full part, without blocking the writer on the request
+        # started by the second full part, without blocking the writer on the request
         self._upload: concurrent.futures.Future[MultipartUpload] | None = None
         self._pending: list[concurrent.futures.Future[None]] = []
         self._item_crc = 0
@@ -133,8 +138,17 @@ class ObjectUpload:
         buffer, fill = self._buffer, self._fill
         assert buffer is not None
         self._buffer, self._fill = None, 0
+        if self._upload is None and self._held is None and fill == self.part_size:
+            self._held = buffer  # sent at close, with the rest, if the object ends within a part
+            return
         if self._upload is None:
             self._upload = self.store.submit(self.store.start_upload(self.key))
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._queue_part(held, self.part_size)
+        self._queue_part(buffer, fill)
+
+    def _queue_part(self, buffer: bytearray, fill: int) -> None:
         self._parts_sent += 1
         number = self._parts_sent
         offset = (number - 1) * self.part_size
@@ -174,9 +188,11 @@ class ObjectUpload:
             raise RuntimeError(f"upload of {self.key} is already finished")
         self._closed = True
         if self._upload is None:
-            buffer, fill = self._buffer, self._fill
-            self._buffer, self._fill = None, 0
-            return self.store.submit(self._put_whole(buffer, fill))
+            pieces = [(self._held, self.part_size)] if self._held is not None else []
+            if self._buffer is not None:
+                pieces.append((self._buffer, self._fill))
+            self._held, self._buffer, self._fill = None, None, 0
+            return self.store.submit(self._put_whole(pieces))
         if self._fill:
             self._send_part()
         elif self._buffer is not None:
@@ -184,15 +200,20 @@ class ObjectUpload:
             self._buffer = None
         return self.store.submit(self._complete())
 
-    async def _put_whole(self, buffer: bytearray | None, fill: int) -> int:
-        """One PUT of the whole object, sent from its part buffer (held until then, within the
-        memory budget)."""
+    async def _put_whole(self, pieces: list[tuple[bytearray, int]]) -> int:
+        """One PUT of the whole object, sent from its part buffers, at most two (held until
+        then, within the memory budget)."""
+        views = [memoryview(buffer)[:fill] for buffer, fill in pieces if fill]
         try:
-            await self.store.put(self.key, memoryview(buffer)[:fill] if buffer is not None else b"")
+            if len(views) > 1:
+                await self.store.put_pieces(self.key, views)
+            else:
+                await self.store.put(self.key, views[0] if views else b"")
         except Exception as exc:
             raise self._error(exc) from exc
         finally:
-            if buffer is not None:
+            del views
+            for buffer, _ in pieces:
                 self.pool.put(buffer)
         return self._position
 
@@ -219,9 +240,10 @@ class ObjectUpload:
         for future in self._pending:
             future.cancel()
         concurrent.futures.wait(self._pending)
-        if self._buffer is not None:
-            self.pool.put(self._buffer)
-            self._buffer = None
+        for buffer in (self._held, self._buffer):
+            if buffer is not None:
+                self.pool.put(buffer)
+        self._held = self._buffer = None
         if self._upload is not None:
             try:
                 self.store.run(self.store.abort_upload(self._upload.result()))

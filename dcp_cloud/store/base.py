@@ -26,7 +26,7 @@ import functools
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -44,7 +44,7 @@ BACKOFF_BASE = 0.5
 BACKOFF_MAX = 8.0
 
 # Operations whose first argument is one key, a list of keys, a listing prefix or an upload.
-_KEY_OPERATIONS = ("put", "get", "get_range", "read_into", "exists", "start_upload")
+_KEY_OPERATIONS = ("put", "put_pieces", "get", "get_range", "read_into", "exists", "start_upload")
 _KEYS_OPERATIONS = ("delete",)
 _PREFIX_OPERATIONS = ("list_objects", "list_uploads")
 _UPLOAD_OPERATIONS = ("upload_part", "complete_upload", "abort_upload")
@@ -290,6 +290,12 @@ class ObjectStore(abc.ABC):
     async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
         """Write a whole object in one atomic request. ``data`` may be a view of a buffer that
         the caller reuses once this returns: keep no reference to it."""
+
+    async def put_pieces(self, key: str, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Write a whole object whose bytes are ``pieces`` one after the other, in one atomic
+        request, as ``put`` (stores that can send the pieces without joining them override
+        this; here they are joined, a copy)."""
+        await self.put(key, b"".join(pieces))
 
     @abc.abstractmethod
     async def get(self, key: str) -> bytes:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import bisect
+from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 
 class PartBody:
@@ -16,26 +18,51 @@ class PartBody:
     and every iteration sends the whole part. Deliberately not an ``io.IOBase``: aiobotocore and
     aiohttp would treat that as a file.
 
+    The bytes may come in several pieces (buffers sent one after the other as one body): ``read``
+    then never crosses a piece's end, as a stream may return fewer bytes than asked for, except
+    ``read()`` of everything left, which joins them (a copy).
+
     aiohttp cannot tell an iterable's length: send ``Content-Length: len(body)`` with it.
     """
 
     _SEND_CHUNK = 1024 * 1024
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self._view = memoryview(data).cast("B")
+    def __init__(
+        self, data: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+    ) -> None:
+        pieces: list[bytes | bytearray | memoryview] = (
+            list(data) if isinstance(data, (list, tuple)) else [cast("bytes | bytearray | memoryview", data)]
+        )
+        self._pieces = [view for view in (memoryview(piece).cast("B") for piece in pieces) if len(view)]
+        self._starts: list[int] = []
+        total = 0
+        for view in self._pieces:
+            self._starts.append(total)
+            total += len(view)
+        self._length = total
         self._position = 0
 
     def __len__(self) -> int:
-        return len(self._view)
+        return self._length
 
     def read(self, size: int | None = -1) -> memoryview:
-        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._position + size)
-        chunk = self._view[self._position : end]
+        start = min(self._position, self._length)
+        end = self._length if size is None or size < 0 else min(self._length, start + size)
         self._position = max(self._position, end)
-        return chunk
+        if end <= start:
+            return memoryview(b"")
+        index = bisect.bisect_right(self._starts, start) - 1
+        view, offset = self._pieces[index], self._starts[index]
+        if end <= offset + len(view):
+            return view[start - offset : end - offset]
+        if size is None or size < 0:  # everything left, across pieces: one joined copy
+            rest = [view[start - offset :], *self._pieces[index + 1 :]]
+            return memoryview(b"".join(rest))
+        self._position = offset + len(view)
+        return view[start - offset :]
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._position, 2: len(self._view)}[whence]
+        base = {0: 0, 1: self._position, 2: self._length}[whence]
         self._position = base + offset
         return self._position
 
@@ -44,5 +71,6 @@ class PartBody:
 
     async def __aiter__(self) -> AsyncIterator[memoryview]:
         # each send is of the whole part (retries included), whatever was read before
-        for start in range(0, len(self._view), self._SEND_CHUNK):
-            yield self._view[start : start + self._SEND_CHUNK]
+        for view in self._pieces:
+            for start in range(0, len(view), self._SEND_CHUNK):
+                yield view[start : start + self._SEND_CHUNK]

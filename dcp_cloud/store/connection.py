@@ -17,9 +17,13 @@ class StoreConnection:
     """Holds the checkpoint URL and opens its store lazily.
 
     Picklable (for ``async_save``'s PROCESS mode and for launchers that ship objects to workers):
-    the open store is dropped on pickling and reopened on first use. ``url`` is kept in the form
+    the open store is dropped on pickling and reopened on first use, and so is one opened before
+    a fork (its client's sessions belong to the parent's event loop). ``url`` is kept in the form
     :func:`~dcp_cloud.urls.normalize_url` gives (a local path made absolute), so a URL with
     credentials, a query string or ``..`` segments is refused here, before anything is written.
+
+    Reopening is cheap: stores of one configuration share the process's filesystem and client
+    (see :mod:`dcp_cloud.store.filesystems`), across ``reset()`` and new writers and readers.
     """
 
     def __init__(
@@ -34,6 +38,7 @@ class StoreConnection:
         self.storage_options = dict(storage_options or {})
         self.options = options
         self._store: ObjectStore | None = None
+        self._store_pid = 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -43,7 +48,8 @@ class StoreConnection:
     @property
     def store(self) -> ObjectStore:
         """The store at ``url``, opened on first use."""
-        if self._store is None:
+        if self._store is None or self._store_pid != os.getpid():
+            self._store = None
             self._store = open_store(
                 self.url,
                 self.storage_options,
@@ -53,6 +59,7 @@ class StoreConnection:
                 self.options.deadline,
                 self.options.retry_window,
             )
+            self._store_pid = os.getpid()
         return self._store
 
     def _set_url(self, checkpoint_id: str | os.PathLike[str] | None) -> None:

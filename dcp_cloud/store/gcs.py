@@ -27,7 +27,7 @@ import asyncio
 import json
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -177,7 +177,11 @@ class GCSStore(ObjectStore):
         else:
             await self._put_media("put", key, data)
 
-    async def _put_media(self, kind: str, key: str, data: bytes | bytearray | memoryview) -> None:
+    async def put_pieces(self, key: str, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        await self._put_media("put", key, PartBody(pieces))
+
+    async def _put_media(self, kind: str, key: str, data: bytes | bytearray | memoryview | PartBody) -> None:
+        body = data if isinstance(data, PartBody) else PartBody(data)
         await self._gcs(
             kind,
             key,
@@ -185,8 +189,8 @@ class GCSStore(ObjectStore):
             self._upload_url,
             uploadType="media",
             name=self.place.full_key(key),
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
-            data=PartBody(data),  # sent in slices: no copy of the part in aiohttp's write buffer
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(body))},
+            data=body,  # sent in slices: no copy of the part in aiohttp's write buffer
             json_out=True,
         )
 

