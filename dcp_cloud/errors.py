@@ -8,6 +8,8 @@ kept in its per-rank failure map and in its message.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DcpCloudError(Exception):
     """Base class of every dcp_cloud error."""
@@ -53,3 +55,20 @@ class CheckpointExistsError(DcpCloudError, FileExistsError):
 
 class UploadError(DcpCloudError):
     """An upload failed after the transport's retries; the save did not commit."""
+
+
+class PeerReadError(DcpCloudError):
+    """Another rank failed while reading bytes this rank shares with it.
+
+    Attributes:
+        rank: the global rank that failed.
+        cause: what it raised (the exception, or its text when it could not travel).
+    """
+
+    def __init__(self, message: str, rank: int = -1, cause: Any = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PeerReadError, (str(self), self.rank, None))

@@ -96,7 +96,7 @@ def test_large_tensors_land_directly_and_the_rest_is_copied(target: Target) -> N
 def test_small_tensors_are_copied_from_their_payload_without_parsing_the_archive(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dcp_cloud.load.reader as reader_module
+    import dcp_cloud.load.decode as decode_module
 
     state = {
         **_state(),
@@ -107,8 +107,8 @@ def test_small_tensors_are_copied_from_their_payload_without_parsing_the_archive
     url = str(tmp_path / "ckpt")
     dcp.save(state, storage_writer=CloudStorageWriter(url))
     parsed: list[int] = []
-    parse = reader_module.load_tensor
-    monkeypatch.setattr(reader_module, "load_tensor", lambda view: parsed.append(len(view)) or parse(view))
+    parse = decode_module.load_tensor
+    monkeypatch.setattr(decode_module, "load_tensor", lambda view: parsed.append(len(view)) or parse(view))
     out = _zeroed(state)
     reader = CloudStorageReader(url, part_size=PART)
     dcp.load(out, storage_reader=reader)

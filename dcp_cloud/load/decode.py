@@ -1,4 +1,4 @@
-"""Decoding a torch.save'd tensor without copying its bytes.
+"""Decoding fetched items into the planner's targets; a torch.save'd tensor without copying.
 
 ``torch.load`` on a buffer copies every byte into a new storage, and DCP then copies that tensor
 into the destination. Here the zip archive torch.save writes is read in place: the tensor's
@@ -6,7 +6,9 @@ storage is a view of the fetched bytes, so the only copy is the one into the des
 unexpected (compressed records, another byte order, objects other than one dense tensor) falls
 back to ``torch.load(weights_only=True)``.
 
-Data flow: the reader hands :func:`load_tensor` one buffered item's bytes (a view of its fetch
+Data flow: the reader hands each landed range to :meth:`ItemDecoder.on_fetched`, which checks
+a direct read's payload, or checks and decodes each buffered item. :func:`load_tensor` gets one
+buffered item's bytes (a view of its fetch
 buffer) when the manifest records no payload to locate the tensor by; the tensor returned (a
 view of those bytes, or on fallback its own copy) is copied into the planner's destination
 before the buffer is reused.
@@ -21,11 +23,15 @@ import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
+import crc32c
 import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlanner, ReadItem
 
 from ..buffers import ViewReader
+from ..checkpoint import layout
 from ..checkpoint.archive import (
     ArchiveError,
     allocating_global,
@@ -33,6 +39,14 @@ from ..checkpoint.archive import (
     check_archive_size,
     check_storages,
 )
+from ..checkpoint.items import safe_item_bytes
+from ..checkpoint.manifest import ItemRecord
+from ..checkpoint.stored import checksum_mismatch
+from ..errors import CorruptCheckpointError
+from .plan import DirectRead, FetchRange, StoredItem, item_names
+
+if TYPE_CHECKING:
+    from .direct import DirectReads
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 _LOCAL_HEADER_MAGIC = 0x04034B50
@@ -208,3 +222,173 @@ def load_tensor(view: memoryview) -> torch.Tensor:
         raise NotATensorError(f"the item holds a {what}, not a dense CPU tensor")
     check_storages(value, view)
     return value
+
+
+class ItemDecoder:
+    """Checks and decodes the buffered items of one load into the planner's targets.
+
+    Each item of a landed range is checked against its CRC32C (when the manifest records one),
+    decoded (by the manifest's payload record, else by :func:`load_tensor`), checked against the
+    chunk ``.metadata`` describes, and copied into the planner's tensors; non-tensor items are
+    made safe (:mod:`dcp_cloud.checkpoint.items`) unless pickles are trusted, and handed to the
+    planner. A direct range's payload is already in its destination: it is checked and committed.
+
+    Args:
+        where: the checkpoint's URL, for messages.
+        records: the manifest's item records by (object key, offset); empty to skip checksums.
+        direct: the load's :class:`~dcp_cloud.load.direct.DirectReads` (payload records, stored
+            dtypes and chunks).
+        verify_checksums: check direct payloads against their CRC32C.
+        trust_pickles: hand non-tensor items to the planner as stored.
+        safe_globals: what non-tensor items may name beyond torch's weights-only allow-list.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        records: dict[tuple[str, int], ItemRecord],
+        direct: DirectReads,
+        *,
+        verify_checksums: bool,
+        trust_pickles: bool,
+        safe_globals: tuple[Any, ...],
+    ) -> None:
+        self.where = where
+        self.records = records
+        self.direct = direct
+        self.verify_checksums = verify_checksums
+        self.trust_pickles = trust_pickles
+        self.safe_globals = safe_globals
+
+    def on_fetched(self, fetch: FetchRange, data: memoryview, planner: LoadPlanner) -> None:
+        """Handle one landed range: commit a direct read, or decode a buffered range."""
+        if fetch.direct is not None:
+            self.commit_direct(fetch, fetch.direct, planner)
+        else:
+            self.decode(fetch, data, planner)
+
+    def commit_direct(self, fetch: FetchRange, route: DirectRead, planner: LoadPlanner) -> None:
+        """A payload landed in its destination: check it, and hand the tensor to the planner."""
+        from .direct import tensor_memory
+
+        payload, target = route.payload, route.target
+        if self.verify_checksums and crc32c.crc32c(tensor_memory(target)) != payload.crc32c:
+            start = fetch.start + payload.offset
+            raise checksum_mismatch(
+                f"{self.where}/{fetch.key}", start, start + payload.length, item_names(fetch.items)
+            )
+        planner.commit_tensor(fetch.items[0].requests[0], target)
+
+    def decode(self, fetch: FetchRange, data: memoryview, planner: LoadPlanner) -> None:
+        """Check, decode and hand over every item of a buffered range (``data``: its bytes,
+        from ``fetch.start``)."""
+        for item in fetch.items:
+            start = item.offset - fetch.start
+            item_view = data[start : start + item.length]
+            record = self.records.get((fetch.key, item.offset))
+            if record is not None and crc32c.crc32c(item_view) != record.crc32c:
+                raise checksum_mismatch(
+                    f"{self.where}/{fetch.key}",
+                    item.offset,
+                    item.offset + item.length,
+                    item_names([item]),
+                )
+            first = item.requests[0]
+            if any(r.type != first.type for r in item.requests):
+                raise CorruptCheckpointError(
+                    f"{self.where}/{layout.METADATA_KEY} places both tensors and non-tensor "
+                    f"values at bytes [{item.offset}, {item.offset + item.length}) of {fetch.key!r} "
+                    f"({item_names([item])}). The checkpoint is damaged or crafted; load an earlier one."
+                )
+            if first.type == LoadItemType.BYTE_IO:
+                self._load_bytes(fetch.key, item, item_view, planner)
+                continue
+            try:
+                # the manifest's payload record spares parsing the archive (hundreds of tiny
+                # tensors per model: norms, biases)
+                tensor = self.direct.stored_tensor(fetch.key, item, item_view)
+                if tensor is None:
+                    tensor = load_tensor(item_view)
+            except Exception as exc:
+                raise CorruptCheckpointError(
+                    f"{self.where}/{fetch.key}: cannot decode bytes [{item.offset}, "
+                    f"{item.offset + item.length}) holding {item_names([item])} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            self._check_stored_tensor(fetch.key, item, tensor)
+            for request in item.requests:
+                self._copy_tensor(fetch.key, item, tensor, request, planner)
+
+    def decode_payload(self, key: str, item: StoredItem, data: memoryview, planner: LoadPlanner) -> None:
+        """Check and hand over a stored tensor item of which only its raw bytes (its payload,
+        located by the manifest) were read into ``data``."""
+        payload = self.direct.whole_payload(key, item)
+        if payload is None or payload.length != len(data):
+            raise CorruptCheckpointError(
+                f"{self.where}/{key}: the manifest records no raw tensor bytes of "
+                f"{len(data)} bytes in bytes [{item.offset}, {item.offset + item.length}) "
+                f"({item_names([item])}). The checkpoint changed while loading; load it again."
+            )
+        start = item.offset + payload.offset
+        if self.verify_checksums and crc32c.crc32c(data) != payload.crc32c:
+            raise checksum_mismatch(f"{self.where}/{key}", start, start + payload.length, item_names([item]))
+        if any(r.type != LoadItemType.TENSOR for r in item.requests):
+            raise CorruptCheckpointError(
+                f"{self.where}/{layout.METADATA_KEY} places both tensors and non-tensor "
+                f"values at bytes [{item.offset}, {item.offset + item.length}) of {key!r} "
+                f"({item_names([item])}). The checkpoint is damaged or crafted; load an earlier one."
+            )
+        tensor = self.direct.payload_tensor(item, data)
+        self._check_stored_tensor(key, item, tensor)
+        for request in item.requests:
+            self._copy_tensor(key, item, tensor, request, planner)
+
+    def _check_stored_tensor(self, key: str, item: StoredItem, tensor: torch.Tensor) -> None:
+        """The decoded tensor is the chunk ``.metadata`` describes: its dtype and shape."""
+        for request in item.requests:
+            chunk = self.direct.stored_chunk(request)
+            dtype = self.direct.stored_dtype(request)
+            shape = tuple(chunk.sizes) if chunk is not None else None
+            if (dtype is not None and tensor.dtype != dtype) or (
+                shape is not None and tuple(tensor.size()) != shape
+            ):
+                raise CorruptCheckpointError(
+                    f"{self.where}/{key}: bytes [{item.offset}, {item.offset + item.length}) "
+                    f"hold a {tensor.dtype} tensor of shape {tuple(tensor.size())}, but .metadata "
+                    f"describes {request.storage_index.fqn!r} there as {dtype} of shape {shape}. "
+                    "The checkpoint is damaged; load an earlier one."
+                )
+
+    def _copy_tensor(
+        self, key: str, item: StoredItem, tensor: torch.Tensor, request: ReadItem, planner: LoadPlanner
+    ) -> None:
+        """Copy the requested box of a decoded stored tensor into the planner's tensor."""
+        try:
+            source = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
+        except (RuntimeError, IndexError, ValueError) as exc:
+            raise CorruptCheckpointError(
+                f"{self.where}/{key}: bytes [{item.offset}, {item.offset + item.length}) hold a "
+                f"tensor of shape {tuple(tensor.size())}, which lacks the chunk .metadata describes "
+                f"for {request.storage_index.fqn} ({exc}). The checkpoint is damaged; load an "
+                "earlier one."
+            ) from None
+        target = planner.resolve_tensor(request).detach()
+        if target.size() != source.size():
+            raise ValueError(
+                f"size mismatch for {request.dest_index.fqn}: the checkpoint has "
+                f"{tuple(source.size())}, the state dict expects {tuple(target.size())}"
+            )
+        target.copy_(source)
+        planner.commit_tensor(request, target)
+
+    def _load_bytes(self, key: str, item: StoredItem, item_view: memoryview, planner: LoadPlanner) -> None:
+        """Hand a non-tensor item to the planner: as stored when pickles are trusted, else
+        as a fresh archive of what torch's weights-only rules let through."""
+        if self.trust_pickles:
+            for request in item.requests:
+                planner.load_bytes(request, io.BytesIO(item_view))
+            return
+        where = f"{self.where}/{key}"
+        safe = safe_item_bytes(item_view, item_names([item]), where, self.safe_globals).getvalue()
+        for request in item.requests:
+            planner.load_bytes(request, io.BytesIO(safe))

@@ -88,21 +88,34 @@ class DirectReads:
         """The stored tensor chunk of a fetched ``item`` as a view of ``item_bytes``, located
         by its payload record instead of by parsing its torch.save archive; None when the
         manifest records no payload for it or the payload is not the whole chunk."""
+        payload = self.whole_payload(key, item)
+        if payload is None or payload.offset + payload.length > len(item_bytes):
+            return None
+        return self.payload_tensor(item, item_bytes[payload.offset : payload.offset + payload.length])
+
+    def whole_payload(self, key: str, item: StoredItem, min_bytes: int = 1) -> PayloadRecord | None:
+        """The payload record of a stored tensor item when its raw bytes are the whole chunk
+        ``.metadata`` describes (of at least ``min_bytes``); else None."""
         payload = self._recorded_payload(key, item)
         request = item.requests[0]
         dtype = self.stored_dtype(request)
         chunk = self.stored_chunk(request)
         if payload is None or request.type != LoadItemType.TENSOR or dtype is None or chunk is None:
             return None
-        if payload.length == 0:
+        if payload.length < max(1, min_bytes):
             return None
         if math.prod(chunk.sizes) * dtype.itemsize != payload.length:
             return None
-        if payload.offset + payload.length > len(item_bytes):
-            return None
-        raw = torch.frombuffer(
-            item_bytes[payload.offset : payload.offset + payload.length], dtype=torch.uint8
-        )
+        return payload
+
+    def payload_tensor(self, item: StoredItem, payload_bytes: memoryview) -> torch.Tensor:
+        """The stored chunk of ``item`` as a view of its raw bytes (as :meth:`whole_payload`
+        found them)."""
+        request = item.requests[0]
+        dtype = self.stored_dtype(request)
+        chunk = self.stored_chunk(request)
+        assert dtype is not None and chunk is not None
+        raw = torch.frombuffer(payload_bytes, dtype=torch.uint8)
         if raw.data_ptr() % RECORD_ALIGNMENT:
             raw = raw.clone()  # kernels may assume natural alignment
         return raw.view(dtype).view(chunk.sizes)

@@ -77,6 +77,30 @@ class Fetcher:
             raise
         return fetched
 
+    def fetch_into(self, jobs: list[tuple[FetchRange, memoryview]]) -> int:
+        """Fill each memoryview with its range's bytes, the ranges concurrently; the bytes
+        requested. The caller holds the memory (counted against its own budget); a range
+        larger than the memory budget is first probed for its end, as in :meth:`run`."""
+        self._check_large_ranges([fetch for fetch, _ in jobs])
+        max_in_flight = 4 * self.options.max_concurrency
+        waiting = deque(jobs)
+        in_flight: dict[concurrent.futures.Future[Any], FetchRange] = {}
+        fetched = 0
+        try:
+            while waiting or in_flight:
+                while waiting and len(in_flight) < max_in_flight:
+                    fetch, out = waiting.popleft()
+                    in_flight[self.store.submit(self._fetch(fetch.key, fetch.start, out))] = fetch
+                    fetched += fetch.size
+                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    self._fetched(in_flight.pop(future), future)
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
+        return fetched
+
     def _check_large_ranges(self, ranges: list[FetchRange]) -> None:
         """Each buffered range too large for the memory budget ends inside its object.
 

@@ -1,52 +1,63 @@
 """CloudStorageReader: DCP's StorageReader for object stores, with concurrent ranged reads.
 
 Data flow: ``read_metadata`` reads ``.metadata`` through the restricted unpickler and the
-manifest beside it. ``read_data`` is plan -> fetch -> commit or decode -> stats: the plan's
-ReadItems become routed byte ranges (:func:`~dcp_cloud.load.plan.plan_reads`, each stored
-item's route asked of :meth:`~dcp_cloud.load.direct.DirectReads.route` once); the
-:class:`~dcp_cloud.load.fetcher.Fetcher` reads them within the memory budget and hands each
-landed range to ``on_fetched``. A direct range's payload is already in its destination tensor:
-its CRC32C is checked and the tensor committed (``_commit_direct``). A buffered range's items
-are checked against their CRC32C and decoded (``_decode``, via
-:func:`~dcp_cloud.load.decode.load_tensor` or the payload record) and copied into the planner's
-tensors, or, for non-tensor items, made safe (:mod:`dcp_cloud.checkpoint.items`) and handed to
-the planner, while the next ranges download.
+manifest beside it (in a distributed load, on the coordinator alone, which broadcasts them).
+``read_data`` is plan -> fetch -> decode -> stats: the plan's ReadItems become routed byte ranges
+(:func:`~dcp_cloud.load.plan.plan_reads`); the :class:`~dcp_cloud.load.fetcher.Fetcher` reads
+them within the memory budget and hands each landed range to the
+:class:`~dcp_cloud.load.decode.ItemDecoder`, which checks and commits a direct read or checks
+and decodes a buffered range's items into the planner's targets while the next ranges
+download. Stored items several ranks need are first read once and shared among them
+(:mod:`dcp_cloud.load.share`), planned in ``prepare_global_plan``.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-import crc32c
-import torch
 from fsspec import AbstractFileSystem
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ..checkpoint import layout
-from ..checkpoint.items import safe_item_bytes
-from ..checkpoint.manifest import ItemRecord, Manifest
-from ..checkpoint.stored import StoredCheckpoint, checksum_mismatch
+from ..checkpoint.manifest import Manifest
+from ..checkpoint.stored import StoredCheckpoint
 from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StoreConfigError,
     UnsafeCheckpointError,
 )
 from ..options import TransferOptions
 from ..stats import StatsRecorder, TransferStats
 from ..store.connection import StoreConnection
 from ..urls import redact_url
-from .decode import load_tensor
-from .direct import DirectReads, tensor_memory
+from .decode import ItemDecoder
+from .direct import DirectReads
 from .fetcher import Fetcher
-from .plan import DirectRead, FetchRange, StoredItem, item_names, plan_reads
+from .plan import FetchRange, StoredItem, plan_reads
+from .share import (
+    SCOPES,
+    LoadGroup,
+    LocalShareInfo,
+    SharePlan,
+    ShareRunner,
+    ShareStats,
+    assign_shares,
+    broadcast_result,
+    calling_load_group,
+    host_id,
+    plan_slots,
+    side_group,
+    split_requests,
+)
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -86,6 +97,26 @@ class CloudStorageReader(StoreConnection, StorageReader):
             raises :class:`UnsafeCheckpointError`.
         safe_globals: classes and functions non-tensor items may name, on top of torch's
             weights-only allow-list and ``torch.serialization.add_safe_globals``.
+        share_reads: ``"job"`` (default): in a distributed ``dcp.load``, each stored item
+            several ranks need is fetched by one of them (owners balanced by bytes) and sent
+            to the others, so the store serves each byte once per job; ``.metadata`` and the
+            manifest are read by the coordinator alone and broadcast. Large tensors travel as
+            their raw bytes, straight into each rank's destination where it takes them as
+            they are. ``"host"``: the same among the ranks of each host
+            (``$DCP_CLOUD_HOST_ID``, else the host name); each host fetches for itself and no
+            shared bytes cross machines. ``"off"``: every rank reads all it needs. Without a
+            process group, with ``no_dist`` or ``use_collectives=False``, nothing is shared.
+            Every rank of the load must use the same setting. Items one rank alone needs are
+            read as without sharing. Each rank holds at most ``memory_budget`` bytes of shared
+            items at once. Shared bytes travel between ranks over a gloo group of the load's
+            ranks (TCP, CPU memory), made for the purpose whatever the default backend; the
+            last load's figures are in ``last_share``.
+        share_timeout: seconds a rank waits for its peers in one step of shared reading (a
+            status exchange, a round's transfer) before it raises. A peer whose fetch fails
+            tells the others before any data moves, and one that dies is noticed when its
+            connection closes; this bounds the rest (a peer that hangs). Raise it for stores
+            slow enough that one round's fetch (``memory_budget`` bytes split among the
+            owners) takes longer.
     """
 
     def __init__(
@@ -104,7 +135,15 @@ class CloudStorageReader(StoreConnection, StorageReader):
         verify_checksums: bool = True,
         trust_pickles: bool = False,
         safe_globals: Sequence[Any] = (),
+        share_reads: Literal["job", "host", "off"] = "job",
+        share_timeout: float = 300.0,
     ) -> None:
+        if share_reads not in SCOPES:
+            raise StoreConfigError(f"share_reads must be one of {', '.join(SCOPES)}, not {share_reads!r}")
+        if not share_timeout > 0:
+            raise StoreConfigError(
+                f"share_timeout must be a positive number of seconds, not {share_timeout!r}"
+            )
         options = TransferOptions(
             part_size=part_size,
             max_concurrency=max_concurrency,
@@ -121,14 +160,20 @@ class CloudStorageReader(StoreConnection, StorageReader):
         self.verify_checksums = verify_checksums
         self.trust_pickles = trust_pickles
         self.safe_globals = tuple(safe_globals)
+        self.share_reads = share_reads
+        self.share_timeout = float(share_timeout)
         self.rank = 0
         self.is_coordinator = True
         self.last_stats: TransferStats | None = None
+        #: the last load's shared reading on this rank (None: nothing was shared)
+        self.last_share: ShareStats | None = None
         self.storage_data: dict[Any, Any] = {}
         self._manifest: Manifest | None = None
         self._metadata: Metadata | None = None
         #: why ``.metadata`` could not be read, other than its absence
         self._metadata_error: BaseException | None = None
+        #: the distributed load being served, while its reads are shared
+        self._group: LoadGroup | None = None
 
     def __repr__(self) -> str:
         return f"CloudStorageReader({redact_url(self.url)!r})"
@@ -141,6 +186,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
         self._manifest = None
         self._metadata = None
         self._metadata_error = None
+        self._group = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         rank = kwargs.get("rank")
@@ -152,14 +198,27 @@ class CloudStorageReader(StoreConnection, StorageReader):
             raise failed
         if rank is None:
             self._metadata_error = None
+        group = self._sharing_group() if rank is None else None
         try:
-            metadata = StoredCheckpoint(self.store).read_metadata(rank)
-            self._manifest = self._read_manifest(metadata)
+            if group is None:
+                metadata, self._manifest = self._read_metadata(rank)
+            else:
+                # one GET per job; every rank of the load calls this, so all join the broadcast
+                metadata, self._manifest = broadcast_result(
+                    side_group(group.ranks, self.share_timeout),
+                    group.ranks[group.coordinator],
+                    group.is_coordinator,
+                    lambda: self._read_metadata(None),
+                )
         except BaseException as exc:
             if rank is None:
                 self._metadata_error = exc
             raise
         return metadata
+
+    def _read_metadata(self, rank: int | None) -> tuple[Metadata, Manifest | None]:
+        metadata = StoredCheckpoint(self.store).read_metadata(rank)
+        return metadata, self._read_manifest(metadata)
 
     @property
     def metadata_error(self) -> BaseException | None:
@@ -176,166 +235,149 @@ class CloudStorageReader(StoreConnection, StorageReader):
             raise CorruptCheckpointError(f"{self.store.url}: .metadata has no storage_data")
         self.storage_data = metadata.storage_data
         self._metadata = metadata
+        shared = kwargs.get("use_collectives", True) is not False
+        self._group = self._sharing_group() if shared else None
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        if self._group is None:
+            return plan
+        return dataclasses.replace(plan, storage_data=LocalShareInfo(host_id()))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        group = self._group
+        if group is None or len(plans) != len(group.ranks):
+            return plans
+        needs = [plan_slots(plan.items, self.storage_data) for plan in self._checked(plans)]
+        if self.share_reads == "host":
+            hosts: dict[Any, list[int]] = defaultdict(list)
+            for r, plan in enumerate(plans):
+                info = plan.storage_data
+                # a rank whose host is unknown (a planner dropped it) shares with no one
+                hosts[info.host if isinstance(info, LocalShareInfo) else ("unknown", r)].append(r)
+            groups = list(hosts.values())
+        else:
+            groups = [list(range(len(plans)))]
+        shares = assign_shares(
+            needs,
+            groups,
+            group.ranks,
+            payloads=self._payloads(plans),
+            budget=self.options.memory_budget,
+            max_range=self.options.part_size,
+            gap=self.options.coalesce_gap,
+            timeout=self.share_timeout,
+        )
+        return [dataclasses.replace(plan, storage_data=share) for plan, share in zip(plans, shares)]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         store = self.store
         recorder = StatsRecorder("load", store.url, store.counter)
         # payloads of half a part or more are worth a request of their own
         direct = DirectReads(self._manifest, self._metadata, self.options.part_size // 2)
-        ranges = self._plan_reads(plan, planner, direct)
         records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
-
-        def on_fetched(fetch: FetchRange, data: memoryview) -> None:
-            if fetch.direct is not None:
-                self._commit_direct(fetch, fetch.direct, planner)
-            else:
-                self._decode(fetch, data, planner, records, direct)
-
-        fetched = Fetcher(store, self.options).run(ranges, on_fetched)
+        decoder = ItemDecoder(
+            store.url,
+            records,
+            direct,
+            verify_checksums=self.verify_checksums,
+            trust_pickles=self.trust_pickles,
+            safe_globals=self.safe_globals,
+        )
+        fetcher = Fetcher(store, self.options)
+        share = plan.storage_data if self._group is not None else None
+        requests: list[ReadItem] = list(plan.items)
+        runner: ShareRunner | None = None
+        self.last_share = None
+        if isinstance(share, SharePlan):
+            me = self._group.ranks[self._group.rank]  # type: ignore[union-attr]
+            requests, shared_items = split_requests(requests, self.storage_data, share.slots_of(me))
+            runner = ShareRunner(share, me, fetcher, decoder, shared_items)
+            runner.run(planner)
+        ranges = self._plan_reads(requests, planner, direct)
+        fetched = fetcher.run(ranges, lambda fetch, data: decoder.on_fetched(fetch, data, planner))
         stats = recorder.stats
-        stats.bytes = fetched
-        stats.objects = len({r.key for r in ranges})
+        stats.bytes = fetched + (runner.fetched if runner else 0)
+        stats.objects = len(
+            {r.key for r in ranges}
+            | ({s.key for s in runner.plan.segments if s.owner == runner.me} if runner else set())
+        )
         stats.items = len(plan.items)
         stats.direct_items = sum(1 for r in ranges if r.direct is not None)
         self.last_stats = recorder.finish()
-        logger.info("%s (rank %d)", self.last_stats.summary(), self.rank)
+        if runner is not None:
+            self.last_share = runner.stats
+            logger.info(
+                "%s (rank %d; shared reads: %d bytes fetched for peers too, %d received)",
+                self.last_stats.summary(),
+                self.rank,
+                runner.fetched,
+                runner.received,
+            )
+        else:
+            logger.info("%s (rank %d)", self.last_stats.summary(), self.rank)
         completed: Future[None] = Future()
         completed.set_result(None)
         return completed
 
+    # -- sharing -------------------------------------------------------------------------------
+
+    def _sharing_group(self) -> LoadGroup | None:
+        """The distributed load being served, when its reads are shared."""
+        if self.share_reads == "off":
+            return None
+        group = calling_load_group()
+        return group if group is not None and len(group.ranks) > 1 else None
+
+    def _payloads(self, plans: list[LoadPlan]) -> dict[tuple[str, int, int], tuple[int, int]]:
+        """Stored tensors to share by their raw bytes alone (which ranks can take straight
+        into their destination): (offset in the item, length) by stored item."""
+        direct = DirectReads(self._manifest, self._metadata, self.options.part_size // 2)
+        found: dict[tuple[str, int, int], tuple[int, int]] = {}
+        seen: set[tuple[str, int, int]] = set()
+        for plan in plans:
+            for request in plan.items:
+                info = self.storage_data[request.storage_index]
+                slot = (info.relative_path, info.offset, info.length)
+                if slot in seen:
+                    continue
+                seen.add(slot)
+                item = StoredItem(info.offset, info.length, [request])
+                payload = direct.whole_payload(info.relative_path, item, direct.min_bytes)
+                if payload is not None:
+                    found[slot] = (payload.offset, payload.length)
+        return found
+
+    def _checked(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        """The plans, each item located by ``.metadata`` (else the checkpoint is damaged)."""
+        for plan in plans:
+            for request in plan.items:
+                if request.storage_index not in self.storage_data:
+                    raise self._unlocated(request.storage_index)
+        return plans
+
+    def _unlocated(self, index: Any) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.store.url}/{layout.METADATA_KEY} describes {index} but does not say "
+            "where its bytes are stored (no storage_data entry). The checkpoint is damaged; "
+            "load an earlier one."
+        )
+
     # -- planning ------------------------------------------------------------------------------
 
-    def _plan_reads(self, plan: LoadPlan, planner: LoadPlanner, direct: DirectReads) -> list[FetchRange]:
+    def _plan_reads(
+        self, requests: list[ReadItem], planner: LoadPlanner, direct: DirectReads
+    ) -> list[FetchRange]:
         """The plan's fetches, each routed once: direct into its tensor, or buffered."""
         try:
             return plan_reads(
-                plan.items,
+                requests,
                 self.storage_data,
                 self.options.part_size,
                 self.options.coalesce_gap,
                 route=lambda key, item: direct.route(key, item, planner),
             )
         except KeyError as exc:
-            raise CorruptCheckpointError(
-                f"{self.store.url}/{layout.METADATA_KEY} describes {exc.args[0]} but does not say "
-                "where its bytes are stored (no storage_data entry). The checkpoint is damaged; "
-                "load an earlier one."
-            ) from None
-
-    # -- decoding ------------------------------------------------------------------------------
-
-    def _commit_direct(self, fetch: FetchRange, route: DirectRead, planner: LoadPlanner) -> None:
-        """A payload landed in its destination: check it, and hand the tensor to the planner."""
-        payload, target = route.payload, route.target
-        if self.verify_checksums and crc32c.crc32c(tensor_memory(target)) != payload.crc32c:
-            start = fetch.start + payload.offset
-            raise checksum_mismatch(
-                f"{self.store.url}/{fetch.key}", start, start + payload.length, item_names(fetch.items)
-            )
-        planner.commit_tensor(fetch.items[0].requests[0], target)
-
-    def _decode(
-        self,
-        fetch: FetchRange,
-        data: memoryview,
-        planner: LoadPlanner,
-        records: dict[tuple[str, int], ItemRecord],
-        direct: DirectReads,
-    ) -> None:
-        for item in fetch.items:
-            start = item.offset - fetch.start
-            item_view = data[start : start + item.length]
-            record = records.get((fetch.key, item.offset))
-            if record is not None and crc32c.crc32c(item_view) != record.crc32c:
-                raise checksum_mismatch(
-                    f"{self.store.url}/{fetch.key}",
-                    item.offset,
-                    item.offset + item.length,
-                    item_names([item]),
-                )
-            first = item.requests[0]
-            if any(r.type != first.type for r in item.requests):
-                raise CorruptCheckpointError(
-                    f"{self.store.url}/{layout.METADATA_KEY} places both tensors and non-tensor "
-                    f"values at bytes [{item.offset}, {item.offset + item.length}) of {fetch.key!r} "
-                    f"({item_names([item])}). The checkpoint is damaged or crafted; load an earlier one."
-                )
-            if first.type == LoadItemType.BYTE_IO:
-                self._load_bytes(fetch.key, item, item_view, planner)
-                continue
-            try:
-                # the manifest's payload record spares parsing the archive (hundreds of tiny
-                # tensors per model: norms, biases)
-                tensor = direct.stored_tensor(fetch.key, item, item_view)
-                if tensor is None:
-                    tensor = load_tensor(item_view)
-            except Exception as exc:
-                raise CorruptCheckpointError(
-                    f"{self.store.url}/{fetch.key}: cannot decode bytes [{item.offset}, "
-                    f"{item.offset + item.length}) holding {item_names([item])} "
-                    f"({type(exc).__name__}: {exc})"
-                ) from exc
-            self._check_stored_tensor(fetch.key, item, tensor, direct)
-            for request in item.requests:
-                self._copy_tensor(fetch.key, item, tensor, request, planner)
-
-    def _check_stored_tensor(
-        self, key: str, item: StoredItem, tensor: torch.Tensor, direct: DirectReads
-    ) -> None:
-        """The decoded tensor is the chunk ``.metadata`` describes: its dtype and shape."""
-        for request in item.requests:
-            chunk = direct.stored_chunk(request)
-            dtype = direct.stored_dtype(request)
-            shape = tuple(chunk.sizes) if chunk is not None else None
-            if (dtype is not None and tensor.dtype != dtype) or (
-                shape is not None and tuple(tensor.size()) != shape
-            ):
-                raise CorruptCheckpointError(
-                    f"{self.store.url}/{key}: bytes [{item.offset}, {item.offset + item.length}) "
-                    f"hold a {tensor.dtype} tensor of shape {tuple(tensor.size())}, but .metadata "
-                    f"describes {request.storage_index.fqn!r} there as {dtype} of shape {shape}. "
-                    "The checkpoint is damaged; load an earlier one."
-                )
-
-    def _copy_tensor(
-        self, key: str, item: StoredItem, tensor: torch.Tensor, request: Any, planner: LoadPlanner
-    ) -> None:
-        """Copy the requested box of a decoded stored tensor into the planner's tensor."""
-        try:
-            source = narrow_tensor_by_index(tensor, request.storage_offsets, request.lengths)
-        except (RuntimeError, IndexError, ValueError) as exc:
-            raise CorruptCheckpointError(
-                f"{self.store.url}/{key}: bytes [{item.offset}, {item.offset + item.length}) hold a "
-                f"tensor of shape {tuple(tensor.size())}, which lacks the chunk .metadata describes "
-                f"for {request.storage_index.fqn} ({exc}). The checkpoint is damaged; load an "
-                "earlier one."
-            ) from None
-        target = planner.resolve_tensor(request).detach()
-        if target.size() != source.size():
-            raise ValueError(
-                f"size mismatch for {request.dest_index.fqn}: the checkpoint has "
-                f"{tuple(source.size())}, the state dict expects {tuple(target.size())}"
-            )
-        target.copy_(source)
-        planner.commit_tensor(request, target)
-
-    def _load_bytes(self, key: str, item: StoredItem, item_view: memoryview, planner: LoadPlanner) -> None:
-        """Hand a non-tensor item to the planner: as stored when pickles are trusted, else
-        as a fresh archive of what torch's weights-only rules let through."""
-        if self.trust_pickles:
-            for request in item.requests:
-                planner.load_bytes(request, io.BytesIO(item_view))
-            return
-        where = f"{self.store.url}/{key}"
-        safe = safe_item_bytes(item_view, item_names([item]), where, self.safe_globals).getvalue()
-        for request in item.requests:
-            planner.load_bytes(request, io.BytesIO(safe))
+            raise self._unlocated(exc.args[0]) from None
 
     # -- metadata ------------------------------------------------------------------------------
 

@@ -197,3 +197,75 @@ def test_each_stored_item_is_routed_once_and_a_direct_read_gets_a_range_of_its_o
     assert (routed[0].start, routed[0].end, len(routed[0].items)) == (10, 110, 1)
     assert all(r.direct is None for r in ranges if r is not routed[0])
     assert sum(len(r.items) for r in ranges) == 3
+
+
+# -- shared reads: which rank fetches which stored items for whom -------------------------------
+
+
+@given(
+    st.lists(  # per stored item: its length and which of 4 ranks need it
+        st.tuples(st.integers(1, 3000), st.sets(st.integers(0, 3), min_size=1)), min_size=1, max_size=40
+    ),
+    st.sampled_from([[[0, 1, 2, 3]], [[0, 1], [2, 3]], [[0], [1, 2, 3]]]),
+    st.integers(0, 200),
+)
+def test_shared_items_have_one_owner_and_reach_every_rank_that_needs_them(
+    items: list[tuple[int, set[int]]], groups: list[list[int]], gap: int
+) -> None:
+    from dcp_cloud.load.share import assign_shares
+
+    needs: list[set[tuple[str, int, int]]] = [set() for _ in range(4)]
+    offset = 0
+    payloads: dict[tuple[str, int, int], tuple[int, int]] = {}
+    for i, (length, ranks) in enumerate(items):
+        slot = ("k" if i % 3 else "j", offset, length)
+        offset += length + (i % 2) * 50
+        for r in ranks:
+            needs[r].add(slot)
+        if i % 4 == 0 and length > 100:  # a tensor shared by its raw bytes alone
+            payloads[slot] = (64, length - 80)
+    budget = 4000
+    plans = assign_shares(
+        needs,
+        groups,
+        (10, 11, 12, 13),
+        payloads=payloads,
+        budget=budget,
+        max_range=2500,
+        gap=gap,
+        timeout=5.0,
+    )
+    for members in groups:
+        plan = plans[members[0]]
+        assert all(plans[r] is plan for r in members)
+        if plan is None:
+            assert len(members) == 1
+            continue
+        held: dict[tuple[str, int, int], tuple[int, ...]] = {}
+        for segment in plan.segments:
+            for o, n in segment.slots:
+                slot = (segment.key, o, n)
+                assert slot not in held, "an item fetched twice"
+                if segment.payload:
+                    assert len(segment.slots) == 1
+                    assert (segment.start - o, segment.size) == payloads[slot]
+                else:
+                    assert slot not in payloads
+                    assert segment.start <= o and o + n <= segment.end
+                held[slot] = (segment.owner, *segment.receivers)
+            # a merged range spans no item it does not hold
+            inside = [
+                s
+                for need in needs
+                for s in need
+                if s[0] == segment.key and segment.start < s[1] + s[2] and s[1] < segment.end
+            ]
+            assert {(s[1], s[2]) for s in inside} <= set(segment.slots)
+        for slot in set().union(*(needs[r] for r in members)):
+            needing = {10 + r for r in members if slot in needs[r]}
+            if len(needing) > 1:
+                assert set(held[slot]) == needing and len(held[slot]) == len(needing)
+            else:
+                assert slot not in held
+        for segments in plan.rounds():
+            assert len(segments) == 1 or sum(s.size for s in segments) <= budget
