@@ -193,7 +193,12 @@ class S3Store(ObjectStore):
 
     async def put(self, key: str, data: bytes | bytearray | memoryview, *, if_absent: bool = False) -> None:
         condition = {"IfNoneMatch": "*"} if if_absent else {}
-        body = data if isinstance(data, bytes) else PartBody(data)
+        await self._put_object(key, data if isinstance(data, bytes) else PartBody(data), **condition)
+
+    async def put_pieces(self, key: str, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
+        await self._put_object(key, PartBody(pieces))
+
+    async def _put_object(self, key: str, body: bytes | PartBody, **condition: str) -> None:
         await self._s3(
             "put",
             key,
@@ -202,16 +207,6 @@ class S3Store(ObjectStore):
             Key=self.place.full_key(key),
             Body=body,
             **condition,
-        )
-
-    async def put_pieces(self, key: str, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
-        await self._s3(
-            "put",
-            key,
-            "put_object",
-            Bucket=self.place.bucket,
-            Key=self.place.full_key(key),
-            Body=PartBody(pieces),
         )
 
     async def _get_into(self, kind: str, key: str, out: memoryview | None, **range_kw: Any) -> Any:
