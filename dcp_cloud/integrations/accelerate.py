@@ -226,7 +226,8 @@ def load_state(accelerator: Any, url: str, **options: Any) -> None:
         for info in store.run(store.list_objects(""))
         if "/" not in info.key and info.key not in ("", os.curdir, os.pardir)
     ]
-    unsafe = sorted(n for n in names if n.startswith("custom_checkpoint_"))
+    # any letter case: on a case-insensitive disk accelerate's custom_checkpoint_0.pkl opens it
+    unsafe = sorted(n for n in names if n.casefold().startswith("custom_checkpoint_"))
     if unsafe and not reader_options.get("trust_pickles", False):
         raise UnsafeCheckpointError(
             f"{redact_url(url)} holds {', '.join(unsafe)}, which accelerate unpickles with "

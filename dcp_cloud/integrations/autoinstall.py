@@ -70,12 +70,14 @@ def install_from_env() -> bool:
         install(**options())
         return True
     except Exception as exc:
-        warnings.warn(
+        message = (
             f"dcp_cloud: {ENV_VAR} is set but install() failed: {exc}. DCP keeps torch's own "
-            "storage auto-detection in this process.",
-            RuntimeWarning,
-            stacklevel=2,
+            "storage auto-detection in this process."
         )
+        try:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        except Warning:  # warnings are errors here (-W error): the import must still succeed
+            sys.stderr.write(message + "\n")
         return False
 
 
@@ -163,8 +165,24 @@ def site_packages() -> Path:
 def enable(directory: Path | None = None) -> Path:
     """Write the ``.pth`` file; returns its path."""
     target = (directory or site_packages()) / PTH_NAME
-    target.write_text(pth_text())
+    if target.is_symlink() or (target.exists() and not _is_ours(target)):
+        raise RuntimeError(
+            f"{target} exists and was not written by dcp_cloud (or is a link); not replacing it. "
+            "Remove it yourself if it is stale, then run enable again"
+        )
+    temp = target.with_name(f".{PTH_NAME}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(pth_text())
+    os.replace(temp, target)  # replaces the name itself, never a file a link points to
     return target
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        return path.read_text(errors="replace").startswith(_MARKER)
+    except OSError:
+        return False
 
 
 def disable(directory: Path | None = None) -> Path | None:
@@ -199,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hook file: {path} ({'present' if path.exists() else 'absent'})")
         print(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r} ({'on' if requested() else 'off'})")
         try:
-            print(f"{OPTIONS_VAR}: {options()}")
+            # option names only: values may hold credentials
+            print(f"{OPTIONS_VAR}: options {', '.join(sorted(options())) or '(none)'}")
         except ValueError as exc:
             print(f"{OPTIONS_VAR}: invalid: {exc}")
             return 1

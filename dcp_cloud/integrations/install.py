@@ -75,16 +75,25 @@ def _split_defaults(defaults: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return writer, reader
 
 
-def make_storage(checkpoint_id: str, reader: bool) -> Any:
-    """The dcp_cloud writer (or reader) for ``checkpoint_id``, built with the installed defaults."""
+def _installed_defaults(reader: bool) -> dict[str, Any] | None:
+    """The installed reader (or writer) options, or None when :func:`install` is not in effect
+    (a hook still called after :func:`uninstall`: a reference held elsewhere, a call in flight)."""
+    with _lock:
+        if not _patched:
+            return None
+        return _reader_defaults if reader else _writer_defaults
+
+
+def make_storage(checkpoint_id: str, reader: bool, defaults: dict[str, Any]) -> Any:
+    """The dcp_cloud writer (or reader) for ``checkpoint_id``, built with ``defaults``."""
     from ..load.reader import CloudStorageReader
     from ..save.writer import CloudStorageWriter
 
     storage: Any
     if reader:
-        storage = CloudStorageReader(checkpoint_id, **_reader_defaults)
+        storage = CloudStorageReader(checkpoint_id, **defaults)
     else:
-        storage = CloudStorageWriter(checkpoint_id, **_writer_defaults)
+        storage = CloudStorageWriter(checkpoint_id, **defaults)
     storage.reset(checkpoint_id)
     return storage
 
@@ -93,9 +102,10 @@ def _hook_storage_setup(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def _storage_setup(storage: Any, checkpoint_id: Any, reader: bool = False) -> Any:
         url = None if storage else cloud_url(checkpoint_id)
-        if url is None:
+        defaults = None if url is None else _installed_defaults(reader)
+        if url is None or defaults is None:
             return original(storage, checkpoint_id, reader=reader)
-        return make_storage(url, reader)
+        return make_storage(url, reader, defaults)
 
     return _storage_setup
 
@@ -105,8 +115,9 @@ def _hook_async_save(original: Callable[..., Any]) -> Callable[..., Any]:
     def async_save(*args: Any, **kwargs: Any) -> Any:
         bound = inspect.signature(original).bind_partial(*args, **kwargs)
         url = cloud_url(bound.arguments.get("checkpoint_id"))
-        if url is not None and bound.arguments.get("storage_writer") is None:
-            bound.arguments["storage_writer"] = make_storage(url, reader=False)
+        defaults = None if url is None else _installed_defaults(reader=False)
+        if url is not None and defaults is not None and bound.arguments.get("storage_writer") is None:
+            bound.arguments["storage_writer"] = make_storage(url, False, defaults)
         return original(*bound.args, **bound.kwargs)
 
     return async_save

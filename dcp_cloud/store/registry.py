@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from .base import ObjectStore
 from .filesystems import FILESYSTEMS, configuration_key
 from .fsspec_store import FsspecStore
 from .local import LocalStore
+
+_SCHEME_PREFIX = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 logger = logging.getLogger("dcp_cloud")
 
@@ -162,6 +165,7 @@ def open_store(
             url, shown, scheme, storage_options, (max_concurrency, max_attempts)
         )
     else:
+        _require_scheme_served(filesystem, url, scheme, shown)
         root = filesystem._strip_protocol(url)
 
     store = _backend_for(filesystem).make(filesystem, shown, root, max_concurrency, max_attempts)
@@ -169,6 +173,19 @@ def open_store(
     if retry_window is not None:
         store.retry_window = retry_window
     return store
+
+
+def _require_scheme_served(filesystem: AbstractFileSystem, url: str, scheme: str, shown: str) -> None:
+    """Refuse a URL whose scheme the given filesystem does not serve (an S3 filesystem for a
+    gs:// URL, a local one for s3://, which would make ``./s3:/bucket`` a local folder)."""
+    protocol = filesystem.protocol
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    if _SCHEME_PREFIX.match(url) and scheme not in protocols:
+        raise StoreConfigError(
+            f"{shown}: the filesystem given ({type(filesystem).__name__}, for "
+            f"{', '.join(p + '://' for p in protocols)}) does not serve {scheme}:// URLs; pass a "
+            "filesystem for this URL's store, or none to have dcp_cloud open one"
+        )
 
 
 def _make_filesystem(
