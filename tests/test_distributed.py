@@ -29,7 +29,8 @@ from . import dist_worker as dw
 from .conftest import BUCKET, SERVERS, Server
 from .helpers import assert_same, failure_text, failure_types
 
-pytestmark = pytest.mark.timeout(600)
+# the module-scoped fixtures are built once: all of the module on one pytest-xdist worker
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group(__name__)]
 
 PUT_KINDS = {"put_object", "create_multipart_upload", "upload_part", "complete_multipart_upload"}
 # client-side counter kinds (dcp_cloud.store) -> the server's name for the same request

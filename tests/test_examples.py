@@ -42,4 +42,3 @@ def test_torchtitan_example_resumes_and_matches() -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "resumed from step 6" in result.stdout
     assert "the resumed run matches the first one" in result.stdout
-

@@ -22,6 +22,10 @@ from .helpers import assert_same, failure_text, failure_types
 MiB = 1024 * 1024
 
 
+# the module-scoped fixture is built once: all of the module on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group(__name__)
+
+
 @pytest.fixture(scope="module")
 def faulty_server() -> Iterator[S3Server]:
     with S3Server() as server:

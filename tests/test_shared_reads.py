@@ -24,7 +24,8 @@ from . import dist_worker as dw
 from . import share_worker as sw
 from .conftest import BUCKET
 
-pytestmark = pytest.mark.timeout(300)
+# the module-scoped fixtures are built once: all of the module on one pytest-xdist worker
+pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group(__name__)]
 
 MiB = 1024 * 1024
 BIG = {"rep_tensors": 4, "rep_rows": 768}

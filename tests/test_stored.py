@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from dcp_cloud import CloudStorageWriter
 from dcp_cloud.checkpoint import layout
@@ -159,9 +160,10 @@ def test_a_save_that_cannot_commit_is_discarded(tmp_path: Path, early: bool) -> 
     stored = StoredCheckpoint(open_store(str(tmp_path)))
     manifest, data = _new_save(stored)
     assert data in _keys(tmp_path)
+    ours = dataclasses.replace(previous, storage_meta=StorageMeta(save_id=manifest.save_id))
     with pytest.raises(CheckpointExistsError, match=r"\.metadata exists\) and overwrite=False"):
         stored.commit(
-            layout.METADATA_KEY, manifest, previous, overwrite=False, previous=previous if early else None
+            layout.METADATA_KEY, manifest, ours, overwrite=False, previous=previous if early else None
         )
     assert _keys(tmp_path) == before
     with pytest.raises(CheckpointExistsError, match="overwrite=False"):
@@ -173,7 +175,9 @@ def test_retiring_a_generation_deletes_only_what_its_records_prove_ours(tmp_path
     first = _save(tmp_path / "ck", 1.0)
     second = _save(tmp_path / "ck", 2.0)
     root = open_store(str(tmp_path))
-    first_keys = {k for k in _keys(tmp_path / "ck") if k.startswith(StoredCheckpoint.save_id_of(first) or "?")}
+    first_keys = {
+        k for k in _keys(tmp_path / "ck") if k.startswith(StoredCheckpoint.save_id_of(first) or "?")
+    }
     assert first_keys  # the second save keeps the generation it replaced
     # the same keys outside the checkpoint's folder, and a user file inside it
     for key in first_keys:
@@ -182,7 +186,11 @@ def test_retiring_a_generation_deletes_only_what_its_records_prove_ours(tmp_path
     StoredCheckpoint(root, "ck").retire_generation_before(second, second)
     left = _keys(tmp_path / "ck")
     assert not left & first_keys and "notes.txt" in left
-    assert StoredCheckpoint.referenced_keys(second) - {layout.intent_key(StoredCheckpoint.save_id_of(second) or "?")} <= left
+    assert (
+        StoredCheckpoint.referenced_keys(second)
+        - {layout.intent_key(StoredCheckpoint.save_id_of(second) or "?")}
+        <= left
+    )
     assert first_keys <= _keys(tmp_path)  # the look-alikes at the store root stay
     out = {"w": torch.zeros(8)}
     dcp.load(out, checkpoint_id=str(tmp_path / "ck"))
