@@ -20,6 +20,7 @@ and broadcasts them (:func:`broadcast_result`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import socket
@@ -107,21 +108,33 @@ def calling_load_group(max_depth: int = 16) -> LoadGroup | None:
 #: functions of torch.distributed.checkpoint.state_dict_loader that hold the load's _DistWrapper
 _LOAD_FRAMES = ("local_step", "_load_state_dict")
 
-_GROUPS: dict[tuple[int, tuple[int, ...], float], Any] = {}
+_GROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
 
 
 def side_group(ranks: tuple[int, ...], timeout: float) -> Any:
-    """A gloo group of ``ranks`` whose collectives give up after ``timeout`` seconds; made once
-    per set of ranks. Only its members call this (``use_local_synchronization``), all alike."""
-    world = dist.distributed_c10d._get_default_group()
-    key = (id(world), ranks, timeout)
+    """A gloo group of ``ranks`` whose collectives give up after ``timeout`` seconds (this
+    rank's own setting); made once per set of ranks. Only its members call this, all alike."""
+    c10d = dist.distributed_c10d
+    key = (id(c10d._get_default_group()), ranks)
     if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(
+        # Named by its ranks alone. dist.new_group(use_local_synchronization=True) would hash
+        # into the name how many groups this process has joined, which differs between ranks
+        # as soon as the application (or a load on a subgroup) made a group of some ranks only:
+        # the ranks would rendezvous under different names and wait out the timeout. The
+        # timeout is no part of the name either, so ranks set to different ones still meet.
+        name = "dcp_cloud_share_" + hashlib.sha1(repr(list(ranks)).encode()).hexdigest()[:20]
+        group, _ = c10d._new_process_group_helper(
+            len(ranks),
+            ranks.index(dist.get_rank()),
             list(ranks),
+            "gloo",
+            c10d._get_default_store(),
+            group_name=name,  # type: ignore[arg-type]  # GroupName: a NewType of str
             timeout=timedelta(seconds=timeout),
-            backend="gloo",
-            use_local_synchronization=True,
         )
+        c10d._world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
+        _GROUPS[key] = group
+    c10d._set_pg_timeout(timedelta(seconds=timeout), _GROUPS[key])
     return _GROUPS[key]
 
 
@@ -422,14 +435,16 @@ class ShareRunner:
 
     def _fetch(self, segments: list[Segment]) -> dict[int, torch.Tensor]:
         """This rank's segments of the round, from the store, by index in the round."""
-        buffers: dict[int, torch.Tensor] = {}
-        jobs: list[tuple[FetchRange, memoryview]] = []
-        for i, segment in enumerate(segments):
-            if segment.owner != self.me:
-                continue
-            buffers[i] = self._memory(segment)
-            fetch = FetchRange(segment.key, segment.start, segment.end, self._items(segment))
-            jobs.append((fetch, tensor_memory(buffers[i])))
+        fetches = {
+            i: FetchRange(segment.key, segment.start, segment.end, self._items(segment))
+            for i, segment in enumerate(segments)
+            if segment.owner == self.me
+        }
+        # a crafted .metadata may declare an item far larger than its object: each range over
+        # the budget is probed for its end before any memory is mapped for it
+        self.fetcher._check_large_ranges(list(fetches.values()))
+        buffers = {i: self._memory(segments[i]) for i in fetches}
+        jobs = [(fetch, tensor_memory(buffers[i])) for i, fetch in fetches.items()]
         self.fetched += self.fetcher.fetch_into(jobs)
         return buffers
 
