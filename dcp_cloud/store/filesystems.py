@@ -9,7 +9,10 @@ one filesystem per configuration for the whole process, whichever thread asks.
 What may share a filesystem: the same filesystem class, the same options (endpoint,
 credentials, client settings, the same objects where options hold objects such as credential
 providers), the same options taken from the URL, and the same credential-bearing environment
-variables. Anything else gets its own. Keys are digests: the cache holds no secret in clear.
+variables, and the same contents of the credential files those name (``~/.aws/credentials``,
+``GOOGLE_APPLICATION_CREDENTIALS``, a ``token`` file, ...). Anything else gets its own. Keys
+are keyed digests (HMAC with a per-process random key), so a key reveals nothing of the
+credentials; the filesystems themselves hold their options, as any fsspec filesystem does.
 
 After a fork the child starts with an empty cache: a filesystem's sessions belong to the
 parent's event loop thread, which the child does not have. The parent's entries are kept
@@ -20,6 +23,7 @@ against the parent's loop.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import threading
@@ -35,6 +39,52 @@ _ENV_NAMES = ("STORAGE_EMULATOR_HOST", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", 
 #: filesystems kept at once; the least recently used is dropped past it (its client closes
 #: when no store holds it any more)
 CAPACITY = 16
+
+
+#: keys the digests: a configuration key cannot be tested against guessed secrets offline
+_DIGEST_KEY = os.urandom(32)
+#: bytes of a credential file that take part in the key
+_FILE_PREFIX = 1 << 20
+
+
+def owned(value: Any) -> Any:
+    """``value`` with its dicts, lists and tuples copied all the way down (any other object is
+    kept as it is): a caller who edits the options it passed cannot change a cached client."""
+    if isinstance(value, Mapping):
+        return {k: owned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [owned(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(owned(v) for v in value)
+    return value
+
+
+def _credential_files(options: Mapping[str, Any]) -> list[list[str]]:
+    """The credential files a client of these options may read, each with a digest of its
+    contents: a file rewritten with other credentials gets a new client."""
+    env = os.environ
+    gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join("~", ".config", "gcloud")
+    paths = [
+        env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join("~", ".aws", "credentials"),
+        env.get("AWS_CONFIG_FILE") or os.path.join("~", ".aws", "config"),
+        env.get("GOOGLE_APPLICATION_CREDENTIALS"),
+        os.path.join(gcloud, "application_default_credentials.json"),
+    ]
+    token = options.get("token")
+    if isinstance(token, (str, os.PathLike)):
+        paths.append(os.fspath(token))
+    files = []
+    for path in paths:
+        if not path:
+            continue
+        full = os.path.abspath(os.path.expanduser(str(path)))
+        try:
+            with open(full, "rb") as f:
+                digest = hashlib.sha256(f.read(_FILE_PREFIX)).hexdigest()
+        except OSError:
+            digest = ""
+        files.append([full, digest])
+    return files
 
 
 def _environment() -> list[tuple[str, str]]:
@@ -70,9 +120,10 @@ def configuration_key(cls: type, options: Mapping[str, Any]) -> tuple[str, list[
         f"{cls.__module__}.{cls.__qualname__}",
         _canonical(dict(options), objects),
         _environment(),
+        _credential_files(options.get("options", options)),
     ]
-    digest = hashlib.sha256(json.dumps(document, separators=(",", ":")).encode()).hexdigest()
-    return digest, objects
+    body = json.dumps(document, separators=(",", ":")).encode()
+    return hmac.new(_DIGEST_KEY, body, hashlib.sha256).hexdigest(), objects
 
 
 class FilesystemCache:

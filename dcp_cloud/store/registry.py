@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import fsspec.config
 from fsspec import AbstractFileSystem
 
 from ..errors import DcpCloudError, StoreConfigError, StoreUnavailableError
 from ..urls import has_credentials, normalize_url, redact_url, scrub_text, secret_values, url_scheme
 from .base import ObjectStore
-from .filesystems import FILESYSTEMS, configuration_key
+from .filesystems import FILESYSTEMS, configuration_key, owned
 from .fsspec_store import FsspecStore
 from .local import LocalStore
 
@@ -241,11 +242,17 @@ def _shared_filesystem(url: str, scheme: str, options: dict[str, Any]) -> tuple[
     in it: one client per endpoint, credentials and client settings, reused by every store.
     (Options with ``skip_instance_cache=True`` bypass this cache as they bypass fsspec's.)"""
     cls = fsspec.get_filesystem_class(scheme)
+    # fsspec.config's defaults apply to every filesystem fsspec builds, so they are part of the
+    # configuration; the copy is the cache's own, out of reach of the caller's later edits
+    options = owned(fsspec.config.apply_config(cls, dict(options)))
+    options.pop("skip_instance_cache", None)
     key, objects = configuration_key(cls, {"options": options, "from_url": cls._get_kwargs_from_urls(url)})
 
     def build() -> AbstractFileSystem:
         # fsspec's own cache is per thread; this one is per process, so it owns the instance
-        filesystem: AbstractFileSystem = fsspec.core.url_to_fs(url, **options, skip_instance_cache=True)[0]
+        filesystem: AbstractFileSystem = fsspec.core.url_to_fs(
+            url, **{**options, "skip_instance_cache": True}
+        )[0]
         return filesystem
 
     filesystem = FILESYSTEMS.get(key, [*objects, options], build)
