@@ -146,6 +146,9 @@ def _load_probing_reads(target: Target, state: dict[str, torch.Tensor], budget: 
     store: ObjectStore = reader.store
     probe = _InFlight()
     store.read_into = probe.wrap(store.read_into, lambda key, start, out: len(out))  # type: ignore[method-assign]
+    store.read_into_pieces = probe.wrap(  # type: ignore[method-assign]
+        store.read_into_pieces, lambda key, start, pieces: sum(len(p) for p in pieces)
+    )
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(out, storage_reader=reader)
     assert all(torch.equal(out[k], v) for k, v in state.items())
@@ -153,12 +156,16 @@ def _load_probing_reads(target: Target, state: dict[str, torch.Tensor], budget: 
 
 
 def test_download_fetches_ranges_concurrently_within_the_budget(target: Target) -> None:
-    # 2 MiB tensors, under half a part: fetched into buffers, two items per 5 MiB range
+    # 2 MiB tensors, under half a part: two items per 5 MiB range, fetched into buffers, or
+    # where the store reads a range in pieces, landed in their destinations (then only the
+    # scratch between them holds budget, so more than the budget may be downloading)
     state = {f"t{i}": torch.randn(MiB // 2) for i in range(24)}  # 48 MiB
     reader, probe = _load_probing_reads(target, state, budget=12 * MiB)
-    assert reader.last_stats is not None and reader.last_stats.direct_items == 0
+    landed = reader.store.reads_into_pieces
+    assert reader.last_stats is not None and reader.last_stats.direct_items == (24 if landed else 0)
     assert probe.max_calls >= 2, "ranges were fetched one at a time"
-    assert probe.max_bytes <= 12 * MiB
+    if not landed:
+        assert probe.max_bytes <= 12 * MiB
 
 
 def test_direct_reads_are_not_held_back_by_the_budget(target: Target) -> None:

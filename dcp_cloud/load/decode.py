@@ -261,63 +261,85 @@ class ItemDecoder:
         self.safe_globals = safe_globals
 
     def on_fetched(self, fetch: FetchRange, data: memoryview, planner: LoadPlanner) -> None:
-        """Handle one landed range: commit a direct read, or decode a buffered range."""
+        """Handle one landed range: commit a direct read, or decode a buffered range (``data``:
+        its bytes; for a range with landed payloads, its scratch buffer)."""
         if fetch.direct is not None:
             self.commit_direct(fetch, fetch.direct, planner)
+        elif fetch.landed:
+            self.decode_landed(fetch, data, planner)
         else:
             self.decode(fetch, data, planner)
 
-    def commit_direct(self, fetch: FetchRange, route: DirectRead, planner: LoadPlanner) -> None:
-        """A payload landed in its destination: check it, and hand the tensor to the planner."""
+    def commit_direct(
+        self, fetch: FetchRange, route: DirectRead, planner: LoadPlanner, item: StoredItem | None = None
+    ) -> None:
+        """A payload landed in its destination: check it, and hand the tensor to the planner
+        (``item``: the stored item it belongs to, default the range's only one)."""
         from .direct import tensor_memory
 
+        item = fetch.items[0] if item is None else item
         payload, target = route.payload, route.target
         if self.verify_checksums and crc32c.crc32c(tensor_memory(target)) != payload.crc32c:
-            start = fetch.start + payload.offset
+            start = item.offset + payload.offset
             raise checksum_mismatch(
-                f"{self.where}/{fetch.key}", start, start + payload.length, item_names(fetch.items)
+                f"{self.where}/{fetch.key}", start, start + payload.length, item_names([item])
             )
-        planner.commit_tensor(fetch.items[0].requests[0], target)
+        planner.commit_tensor(item.requests[0], target)
+
+    def decode_landed(self, fetch: FetchRange, scratch: memoryview, planner: LoadPlanner) -> None:
+        """Check and hand over every item of a range read in pieces: a landed payload is checked
+        in its destination and committed, every other item is decoded from ``scratch`` (the
+        range's bytes outside the landed payloads, in order)."""
+        for item in fetch.items:
+            route = fetch.landed.get(item.offset)
+            if route is not None:
+                self.commit_direct(fetch, route, planner, item)
+                continue
+            start = fetch.scratch_offset(item.offset)
+            self.decode_item(fetch.key, item, scratch[start : start + item.length], planner)
 
     def decode(self, fetch: FetchRange, data: memoryview, planner: LoadPlanner) -> None:
         """Check, decode and hand over every item of a buffered range (``data``: its bytes,
         from ``fetch.start``)."""
         for item in fetch.items:
             start = item.offset - fetch.start
-            item_view = data[start : start + item.length]
-            record = self.records.get((fetch.key, item.offset))
-            if record is not None and crc32c.crc32c(item_view) != record.crc32c:
-                raise checksum_mismatch(
-                    f"{self.where}/{fetch.key}",
-                    item.offset,
-                    item.offset + item.length,
-                    item_names([item]),
-                )
-            first = item.requests[0]
-            if any(r.type != first.type for r in item.requests):
-                raise CorruptCheckpointError(
-                    f"{self.where}/{layout.METADATA_KEY} places both tensors and non-tensor "
-                    f"values at bytes [{item.offset}, {item.offset + item.length}) of {fetch.key!r} "
-                    f"({item_names([item])}). The checkpoint is damaged or crafted; load an earlier one."
-                )
-            if first.type == LoadItemType.BYTE_IO:
-                self._load_bytes(fetch.key, item, item_view, planner)
-                continue
-            try:
-                # the manifest's payload record spares parsing the archive (hundreds of tiny
-                # tensors per model: norms, biases)
-                tensor = self.direct.stored_tensor(fetch.key, item, item_view)
-                if tensor is None:
-                    tensor = load_tensor(item_view)
-            except Exception as exc:
-                raise CorruptCheckpointError(
-                    f"{self.where}/{fetch.key}: cannot decode bytes [{item.offset}, "
-                    f"{item.offset + item.length}) holding {item_names([item])} "
-                    f"({type(exc).__name__}: {exc})"
-                ) from exc
-            self._check_stored_tensor(fetch.key, item, tensor)
-            for request in item.requests:
-                self._copy_tensor(fetch.key, item, tensor, request, planner)
+            self.decode_item(fetch.key, item, data[start : start + item.length], planner)
+
+    def decode_item(self, key: str, item: StoredItem, item_view: memoryview, planner: LoadPlanner) -> None:
+        """Check, decode and hand over one buffered item (``item_view``: its bytes)."""
+        record = self.records.get((key, item.offset))
+        if record is not None and crc32c.crc32c(item_view) != record.crc32c:
+            raise checksum_mismatch(
+                f"{self.where}/{key}",
+                item.offset,
+                item.offset + item.length,
+                item_names([item]),
+            )
+        first = item.requests[0]
+        if any(r.type != first.type for r in item.requests):
+            raise CorruptCheckpointError(
+                f"{self.where}/{layout.METADATA_KEY} places both tensors and non-tensor "
+                f"values at bytes [{item.offset}, {item.offset + item.length}) of {key!r} "
+                f"({item_names([item])}). The checkpoint is damaged or crafted; load an earlier one."
+            )
+        if first.type == LoadItemType.BYTE_IO:
+            self._load_bytes(key, item, item_view, planner)
+            return
+        try:
+            # the manifest's payload record spares parsing the archive (hundreds of tiny
+            # tensors per model: norms, biases)
+            tensor = self.direct.stored_tensor(key, item, item_view)
+            if tensor is None:
+                tensor = load_tensor(item_view)
+        except Exception as exc:
+            raise CorruptCheckpointError(
+                f"{self.where}/{key}: cannot decode bytes [{item.offset}, "
+                f"{item.offset + item.length}) holding {item_names([item])} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        self._check_stored_tensor(key, item, tensor)
+        for request in item.requests:
+            self._copy_tensor(key, item, tensor, request, planner)
 
     def decode_payload(self, key: str, item: StoredItem, data: memoryview, planner: LoadPlanner) -> None:
         """Check and hand over a stored tensor item of which only its raw bytes (its payload,

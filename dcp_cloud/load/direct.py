@@ -9,6 +9,9 @@ the archive is not fetched at all, and the payload's own CRC32C stands in for th
 Data flow: the planner (:func:`~dcp_cloud.load.plan.plan_reads`) asks :meth:`DirectReads.route`
 once per stored item; a :class:`~dcp_cloud.load.plan.DirectRead` it returns travels with the
 item's fetch range to the fetcher, which reads the payload into ``tensor_memory(target)``.
+Where the store reads one request's body into several buffers, smaller payloads are read
+straight into their destinations too, as pieces of their merged range
+(:meth:`DirectReads.land`).
 Buffered tensor items come back here through :meth:`DirectReads.stored_tensor`, which finds
 their payload inside the fetched archive bytes without parsing it.
 """
@@ -27,6 +30,10 @@ from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
 from .decode import RECORD_ALIGNMENT
 from .plan import DirectRead, StoredItem
 
+#: the smallest payload read straight into its destination as a piece of a merged range: below
+#: it, a copy out of the range's scratch buffer costs less than the extra piece
+LAND_BYTES = 64 * 1024
+
 
 class DirectReads:
     """Decides which stored items of one load are read straight into their destination.
@@ -35,31 +42,54 @@ class DirectReads:
         manifest: the checkpoint's manifest (None: a checkpoint not written by dcp_cloud, whose
             payloads are unknown, so nothing is read directly).
         metadata: the checkpoint's ``.metadata``, for stored dtypes.
-        min_bytes: smaller payloads are fetched with their neighbours and copied instead: one
-            request for many small items beats one each.
+        min_bytes: smaller payloads are fetched with their neighbours instead: one request for
+            many items beats one each.
+        land_bytes: payloads of at least this many bytes fetched with their neighbours are
+            still read straight into their destination, as a piece of their range's request
+            (on stores that read a range into several buffers); smaller ones are copied out of
+            the range's scratch buffer (a copy costs less than a piece of its own).
     """
 
-    def __init__(self, manifest: Manifest | None, metadata: Metadata | None, min_bytes: int) -> None:
+    def __init__(
+        self,
+        manifest: Manifest | None,
+        metadata: Metadata | None,
+        min_bytes: int,
+        land_bytes: int | None = None,
+    ) -> None:
         self._records: dict[tuple[str, int], ItemRecord] = {}
         # payloads are in the writer's byte order: only usable as they are on a machine like it
         if manifest is not None and metadata is not None and manifest.byteorder == sys.byteorder:
             self._records = manifest.item_index()
         self._metadata = metadata
         self.min_bytes = min_bytes
+        self.land_bytes = land_bytes
 
     def route(self, key: str, item: StoredItem, planner: LoadPlanner) -> DirectRead | None:
         """The direct read of ``item``: when the plan wants all of its stored tensor and the
         planner's destination can take the payload as is; None to fetch it buffered."""
-        payload = self.payload(key, item)
+        return self._routed(key, item, planner, self.min_bytes)
+
+    def land(self, key: str, item: StoredItem, planner: LoadPlanner) -> DirectRead | None:
+        """The direct read of a merged ``item``'s payload, as a piece of its range's request;
+        None to copy it out of the range's scratch buffer (or when landing is off)."""
+        if self.land_bytes is None:
+            return None
+        return self._routed(key, item, planner, self.land_bytes)
+
+    def _routed(self, key: str, item: StoredItem, planner: LoadPlanner, min_bytes: int) -> DirectRead | None:
+        payload = self.payload(key, item, min_bytes)
         if payload is None:
             return None
         target = self.destination(item.requests[0], planner)
         return None if target is None else DirectRead(payload, target)
 
-    def payload(self, key: str, item: StoredItem) -> PayloadRecord | None:
-        """The payload to read into the destination, if the plan wants all of the stored tensor."""
+    def payload(self, key: str, item: StoredItem, min_bytes: int | None = None) -> PayloadRecord | None:
+        """The payload to read into the destination, if the plan wants all of the stored tensor
+        and it holds at least ``min_bytes`` (default: ``self.min_bytes``)."""
+        least = self.min_bytes if min_bytes is None else min_bytes
         payload = self._recorded_payload(key, item)
-        if payload is None or payload.length < self.min_bytes or len(item.requests) != 1:
+        if payload is None or payload.length < max(1, least) or len(item.requests) != 1:
             return None
         request = item.requests[0]
         dtype = self.stored_dtype(request)

@@ -3,12 +3,14 @@
 Data flow: the planned :class:`~dcp_cloud.load.plan.FetchRange` s go in, in plan order. A
 buffered range takes a pooled fetch buffer (its size counted against the budget) and is read
 into it whole; a direct range is read straight into its destination tensor's memory (counted
-against the budget only on stores whose client library buffers downloads). Each read is cut
-into concurrent ranged requests of at most ``part_size`` bytes. As each range lands it is handed
-to the caller's callback (the reader commits or decodes it), then its buffer and budget are
-released and the next ranges start. A failure cancels what is in flight and raises
-:class:`~dcp_cloud.errors.CorruptCheckpointError` naming the object and its tensors when the
-object is missing or short.
+against the budget only on stores whose client library buffers downloads). A range with landed
+payloads is read with one request whose body is streamed piece by piece: each landed payload
+into its destination, the bytes between them into a scratch buffer (counted against the
+budget). Each other read is cut into concurrent ranged requests of at most ``part_size`` bytes.
+As each range lands it is handed to the caller's callback (the reader commits or decodes it),
+then its buffer and budget are released and the next ranges start. A failure cancels what is in
+flight and raises :class:`~dcp_cloud.errors.CorruptCheckpointError` naming the object and its
+tensors when the object is missing or short.
 """
 
 from __future__ import annotations
@@ -120,9 +122,12 @@ class Fetcher:
         return memoryview(data)
 
     def _held_bytes(self, fetch: FetchRange, buffers: ReadBuffers) -> int:
-        """Memory a range holds while in flight, counted against the budget: its fetch buffer;
-        for a direct read nothing, except on stores whose client library buffers downloads
-        (then the pieces it holds at once)."""
+        """Memory a range holds while in flight, counted against the budget: its fetch buffer
+        (for a range with landed payloads, its scratch buffer); for a direct read nothing,
+        except on stores whose client library buffers downloads (then the pieces it holds at
+        once)."""
+        if fetch.landed and not self.store.buffers_downloads:
+            return buffers.capacity(fetch.scratch_size) if fetch.scratch_size else 0
         if fetch.direct is None:
             return buffers.capacity(fetch.size)
         if not self.store.buffers_downloads:
@@ -137,6 +142,10 @@ class Fetcher:
             start = fetch.start + fetch.direct.payload.offset
             future = store.submit(self._fetch(fetch.key, start, tensor_memory(fetch.direct.target)))
             return _InFlight(future, fetch, fetch.direct.payload.length, held)
+        if fetch.landed:
+            buffer, view = buffers.get(fetch.scratch_size) if fetch.scratch_size else (None, memoryview(b""))
+            future = store.submit(self._fetch_pieces(fetch, view))
+            return _InFlight(future, fetch, fetch.size, held, buffer)
         buffer, view = buffers.get(fetch.size)
         future = store.submit(self._fetch(fetch.key, fetch.start, view))
         return _InFlight(future, fetch, fetch.size, held, buffer)
@@ -154,6 +163,24 @@ class Fetcher:
         pieces = split_range(start, start + len(out), self.options.part_size)
         await asyncio.gather(*(piece(a, b) for a, b in pieces))
         return out
+
+    async def _fetch_pieces(self, fetch: FetchRange, scratch: memoryview) -> memoryview:
+        """Read a range with landed payloads with one request: each payload into its
+        destination, the rest of the range into ``scratch``; returns ``scratch``."""
+        pieces: list[memoryview] = []
+        used = 0
+        for a, b, landing in fetch.pieces():
+            if landing is None:
+                pieces.append(scratch[used : used + b - a])
+                used += b - a
+            else:
+                pieces.append(tensor_memory(landing.target))
+        if used != len(scratch) or sum(len(p) for p in pieces) != fetch.size:
+            raise AssertionError(f"the pieces of {fetch.key} [{fetch.start}, {fetch.end}) do not tile it")
+        got = await self.store.read_into_pieces(fetch.key, fetch.start, pieces)
+        if got != fetch.size:
+            raise _ShortRead(got, fetch.size)
+        return scratch
 
     def _fetched(self, fetch: FetchRange, future: concurrent.futures.Future[Any]) -> memoryview:
         """The fetched bytes, or the error that names the object and the tensors it held."""

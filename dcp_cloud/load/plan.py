@@ -3,7 +3,8 @@
 Data flow: the load plan's ReadItems and the metadata's locators go in; each ReadItem is mapped
 to the stored item it lies in (several ReadItems of one item share it). Each stored item's route
 is decided once (:func:`plan_reads`): a :class:`DirectRead` (its payload fetched straight into
-its destination tensor, in a range of its own) or buffered. The buffered items of each object are
+its destination tensor, in a range of its own), landed (a medium payload read straight into its
+destination as one piece of a merged range) or buffered. The other items of each object are
 sorted by offset and merged with their neighbours into :class:`FetchRange` s. The fetcher
 (:mod:`dcp_cloud.load.fetcher`) executes the ranges; the reader commits or decodes each one.
 Nothing here touches a store.
@@ -44,7 +45,9 @@ class FetchRange:
     """Bytes ``[start, end)`` of one object, fetched together, holding whole items.
 
     With ``direct`` set the range holds one item whose payload is read into its destination
-    tensor; otherwise the whole range is read into a fetch buffer and decoded.
+    tensor. Otherwise the range is read with one request: the payloads in ``landed`` (by their
+    item's offset) straight into their destinations, every other byte into a scratch buffer
+    (the whole range, when nothing lands), whose items are decoded from it.
     """
 
     key: str
@@ -52,10 +55,40 @@ class FetchRange:
     end: int
     items: list[StoredItem] = field(default_factory=list)
     direct: DirectRead | None = None
+    landed: dict[int, DirectRead] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return self.end - self.start
+
+    @property
+    def scratch_size(self) -> int:
+        """Bytes of the range that land in the scratch buffer rather than a destination."""
+        return self.size - sum(d.payload.length for d in self.landed.values())
+
+    def pieces(self) -> list[tuple[int, int, DirectRead | None]]:
+        """The range cut at its landed payloads, in order: ``(start, end, landing)`` with
+        ``landing`` None for the bytes that go to the scratch buffer. Empty spans are left out."""
+        out: list[tuple[int, int, DirectRead | None]] = []
+        cursor = self.start
+        for offset in sorted(self.landed):
+            route = self.landed[offset]
+            begin = offset + route.payload.offset
+            if begin > cursor:
+                out.append((cursor, begin, None))
+            out.append((begin, begin + route.payload.length, route))
+            cursor = begin + route.payload.length
+        if self.end > cursor:
+            out.append((cursor, self.end, None))
+        return out
+
+    def scratch_offset(self, position: int) -> int:
+        """Where byte ``position`` of the object (not inside a landed payload) lies in the
+        scratch buffer."""
+        before = sum(
+            d.payload.length for offset, d in self.landed.items() if offset + d.payload.offset < position
+        )
+        return position - self.start - before
 
 
 def plan_fetches(
@@ -110,10 +143,12 @@ def plan_reads(
     max_range: int,
     gap: int,
     route: Callable[[str, StoredItem], DirectRead | None],
+    land: Callable[[str, StoredItem], DirectRead | None] | None = None,
 ) -> list[FetchRange]:
     """The load's fetches, each with its route: ``route(key, item)`` is asked once per stored
     item; an item it gives a :class:`DirectRead` gets a range of its own carrying it, the rest
-    are merged as in :func:`plan_fetches`."""
+    are merged as in :func:`plan_fetches`. ``land(key, item)``, asked of each merged item,
+    gives the payloads read straight into their destinations within their merged range."""
     routes: dict[int, DirectRead] = {}
 
     def keep_apart(key: str, item: StoredItem) -> bool:
@@ -126,6 +161,11 @@ def plan_reads(
     for fetch in ranges:
         if len(fetch.items) == 1:
             fetch.direct = routes.get(id(fetch.items[0]))
+        if fetch.direct is None and land is not None:
+            for item in fetch.items:
+                landing = land(fetch.key, item)
+                if landing is not None:
+                    fetch.landed[item.offset] = landing
     return ranges
 
 

@@ -40,7 +40,7 @@ from ..stats import StatsRecorder, TransferStats
 from ..store.connection import StoreConnection
 from ..urls import redact_url
 from .decode import ItemDecoder
-from .direct import DirectReads
+from .direct import LAND_BYTES, DirectReads
 from .fetcher import Fetcher
 from .plan import FetchRange, StoredItem, plan_reads
 from .share import (
@@ -272,8 +272,10 @@ class CloudStorageReader(StoreConnection, StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         store = self.store
         recorder = StatsRecorder("load", store.url, store.counter)
-        # payloads of half a part or more are worth a request of their own
-        direct = DirectReads(self._manifest, self._metadata, self.options.part_size // 2)
+        # payloads of half a part or more are worth a request of their own; smaller ones land
+        # in their destinations as pieces of a merged range where the store reads in pieces
+        land = LAND_BYTES if store.reads_into_pieces else None
+        direct = DirectReads(self._manifest, self._metadata, self.options.part_size // 2, land)
         records = self._manifest.item_index() if self._manifest and self.verify_checksums else {}
         decoder = ItemDecoder(
             store.url,
@@ -302,7 +304,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
             | ({s.key for s in runner.plan.segments if s.owner == runner.me} if runner else set())
         )
         stats.items = len(plan.items)
-        stats.direct_items = sum(1 for r in ranges if r.direct is not None)
+        stats.direct_items = sum(1 if r.direct is not None else len(r.landed) for r in ranges)
         self.last_stats = recorder.finish()
         if runner is not None:
             self.last_share = runner.stats
@@ -375,6 +377,7 @@ class CloudStorageReader(StoreConnection, StorageReader):
                 self.options.part_size,
                 self.options.coalesce_gap,
                 route=lambda key, item: direct.route(key, item, planner),
+                land=lambda key, item: direct.land(key, item, planner),
             )
         except KeyError as exc:
             raise self._unlocated(exc.args[0]) from None

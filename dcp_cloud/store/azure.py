@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..errors import BucketNotFoundError, StoreAccessError
@@ -38,18 +38,29 @@ def block_id(upload_id: str, part_number: int) -> str:
 
 
 class _MemoryviewSink:
-    """A writable stream over a memoryview, for the SDK's ``readinto``."""
+    """A writable stream over a memoryview (or several, filled one after another), for the
+    SDK's ``readinto``."""
 
-    def __init__(self, out: memoryview) -> None:
-        self.out = out
+    def __init__(self, out: memoryview | Sequence[memoryview]) -> None:
+        self.pieces = [out] if isinstance(out, memoryview) else [p for p in out if len(p)]
+        self.size = sum(len(p) for p in self.pieces)
         self.position = 0
+        self._index = 0  # the piece being filled
+        self._filled = 0  # bytes of it filled
 
     def write(self, data: bytes) -> int:
-        end = self.position + len(data)
-        if end > len(self.out):
+        if self.position + len(data) > self.size:
             raise ValueError("the blob returned more bytes than the range asked for")
-        self.out[self.position : end] = data
-        self.position = end
+        view = memoryview(data)
+        while len(view):
+            piece = self.pieces[self._index]
+            take = min(len(view), len(piece) - self._filled)
+            piece[self._filled : self._filled + take] = view[:take]
+            view = view[take:]
+            self._filled += take
+            if self._filled == len(piece):
+                self._index, self._filled = self._index + 1, 0
+        self.position += len(data)
         return len(data)
 
     def writable(self) -> bool:
@@ -64,6 +75,7 @@ class AzureBlobStore(ObjectStore):
 
     supports_conditional_put = True
     buffers_downloads = True
+    reads_into_pieces = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(url, root, max_concurrency)
@@ -171,11 +183,18 @@ class AzureBlobStore(ObjectStore):
         return bytes(out[:got])
 
     async def read_into(self, key: str, start: int, out: memoryview) -> int:
-        if len(out) == 0:  # an empty range has no x-ms-range form: the SDK would fail on it
+        return await self._read_pieces(key, start, out)
+
+    async def read_into_pieces(self, key: str, start: int, pieces: Sequence[memoryview]) -> int:
+        return await self._read_pieces(key, start, pieces)
+
+    async def _read_pieces(self, key: str, start: int, out: memoryview | Sequence[memoryview]) -> int:
+        size = _MemoryviewSink(out).size
+        if size == 0:  # an empty range has no x-ms-range form: the SDK would fail on it
             return 0
 
         async def read() -> int:
-            downloader = await self._blob(key).download_blob(offset=start, length=len(out), **self._timeouts)
+            downloader = await self._blob(key).download_blob(offset=start, length=size, **self._timeouts)
             sink = _MemoryviewSink(out)
             await downloader.readinto(sink)
             return sink.position

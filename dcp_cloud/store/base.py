@@ -44,7 +44,16 @@ BACKOFF_BASE = 0.5
 BACKOFF_MAX = 8.0
 
 # Operations whose first argument is one key, a list of keys, a listing prefix or an upload.
-_KEY_OPERATIONS = ("put", "put_pieces", "get", "get_range", "read_into", "exists", "start_upload")
+_KEY_OPERATIONS = (
+    "put",
+    "put_pieces",
+    "get",
+    "get_range",
+    "read_into",
+    "read_into_pieces",
+    "exists",
+    "start_upload",
+)
 _KEYS_OPERATIONS = ("delete",)
 _PREFIX_OPERATIONS = ("list_objects", "list_uploads")
 _UPLOAD_OPERATIONS = ("upload_part", "complete_upload", "abort_upload")
@@ -173,6 +182,9 @@ class ObjectStore(abc.ABC):
     #: whether ``read_into`` holds the whole range in the client library's own buffer before
     #: copying it out (Azure's SDK does), so even reads into the destination cost memory
     buffers_downloads: bool = False
+    #: whether ``read_into_pieces`` streams one request's body into the pieces as it arrives
+    #: (else it reads the range into a buffer of its own and copies it out)
+    reads_into_pieces: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -312,6 +324,16 @@ class ObjectStore(abc.ABC):
         out[: len(data)] = data
         return len(data)
 
+    async def read_into_pieces(self, key: str, start: int, pieces: Sequence[memoryview]) -> int:
+        """Read bytes ``[start, start + total)`` of an object with one request, filling the
+        ``pieces`` (``total`` bytes together) one after another; returns the count read (less
+        than ``total`` only when the object ends first)."""
+        total = sum(len(p) for p in pieces)
+        scratch = memoryview(bytearray(total))
+        got = await self.read_into(key, start, scratch)
+        fill_pieces(pieces, scratch[:got])
+        return got
+
     @abc.abstractmethod
     async def exists(self, key: str) -> bool:
         """Whether an object exists."""
@@ -346,6 +368,17 @@ class ObjectStore(abc.ABC):
         """Uploads under ``prefix`` that were started and never finished (none by default:
         stores whose uploads leave nothing behind)."""
         return []
+
+
+def fill_pieces(pieces: Sequence[memoryview], data: memoryview) -> None:
+    """Copy ``data`` into ``pieces`` one after another, as far as it goes."""
+    done = 0
+    for piece in pieces:
+        if done >= len(data):
+            return
+        n = min(len(piece), len(data) - done)
+        piece[:n] = data[done : done + n]
+        done += n
 
 
 def backoff(tries: int) -> float:

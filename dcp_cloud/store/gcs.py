@@ -75,6 +75,7 @@ class GCSStore(ObjectStore):
 
     supports_conditional_put = True
     prefers_one_part_objects = True
+    reads_into_pieces = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(url, root, max_concurrency)
@@ -243,6 +244,12 @@ class GCSStore(ObjectStore):
         url = self._media_url(key)
         return await self._translated("get_range", key, lambda: _read_range_into(self.fs, url, start, out))
 
+    async def read_into_pieces(self, key: str, start: int, pieces: Sequence[memoryview]) -> int:
+        if sum(len(p) for p in pieces) == 0:
+            return 0
+        url = self._media_url(key)
+        return await self._translated("get_range", key, lambda: _read_range_into(self.fs, url, start, pieces))
+
     async def exists(self, key: str) -> bool:
         try:
             await self._gcs("head", key, "GET", self._object_path(key), json_out=True)
@@ -364,10 +371,13 @@ def _times(item: dict[str, Any]) -> dict[str, Any]:
     return {"mtime": datetime.fromisoformat(stamp.replace("Z", "+00:00"))}
 
 
-async def _read_range_into(fs: Any, url: str, start: int, out: memoryview) -> int:
-    """GET bytes ``[start, start + len(out))`` of ``url`` into ``out``; the count read."""
+async def _read_range_into(fs: Any, url: str, start: int, out: memoryview | Sequence[memoryview]) -> int:
+    """GET bytes ``[start, start + total)`` of ``url`` into ``out`` (or the pieces it lists, one
+    after another); the count read."""
+    pieces = [out] if isinstance(out, memoryview) else [p for p in out if len(p)]
+    total = sum(len(p) for p in pieces)
     await fs._set_session()
-    headers = fs._get_headers({"Range": f"bytes={start}-{start + len(out) - 1}"})
+    headers = fs._get_headers({"Range": f"bytes={start}-{start + total - 1}"})
     async with fs.session.get(url, headers=headers, timeout=fs.requests_timeout) as response:
         if response.status == 416:  # the object ends before ``start``
             return 0
@@ -376,13 +386,21 @@ async def _read_range_into(fs: Any, url: str, start: int, out: memoryview) -> in
         if response.status != 206 and start > 0:
             raise ValueError(f"{url}: the server ignored the Range header (status {response.status})")
         got = 0
+        index, filled = 0, 0  # the piece being filled, and how far
         async for chunk in response.content.iter_any():
-            take = min(len(chunk), len(out) - got)
-            out[got : got + take] = chunk[:take]
-            got += take
-            if got == len(out):
+            view = memoryview(chunk)
+            while len(view) and index < len(pieces):
+                piece = pieces[index]
+                take = min(len(view), len(piece) - filled)
+                piece[filled : filled + take] = view[:take]
+                view = view[take:]
+                filled += take
+                got += take
+                if filled == len(piece):
+                    index, filled = index + 1, 0
+            if got == total:
                 break
         expected = response.content_length
-        if expected is not None and got < min(expected, len(out)):
+        if expected is not None and got < min(expected, total):
             raise aiohttp.ClientPayloadError(f"{url}: the body ended after {got} of {expected} bytes")
         return got

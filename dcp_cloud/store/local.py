@@ -20,6 +20,7 @@ import errno
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import StoreAccessError, UnsafeCheckpointError, UploadError
@@ -44,10 +45,23 @@ def temp_target(name: str) -> str | None:
     return match.group("target") if match else None
 
 
+def _pieces_from(pieces: list[memoryview], skip: int) -> list[memoryview]:
+    """The pieces with their first ``skip`` bytes (together) left out."""
+    out: list[memoryview] = []
+    for piece in pieces:
+        if skip >= len(piece):
+            skip -= len(piece)
+            continue
+        out.append(piece[skip:])
+        skip = 0
+    return out
+
+
 class LocalStore(ObjectStore):
     """Store over a local folder."""
 
     supports_conditional_put = True
+    reads_into_pieces = True
 
     def __init__(self, url: str, root: str, max_concurrency: int = 16, fsync: bool = True):
         super().__init__(url, os.path.abspath(root), max_concurrency)
@@ -173,12 +187,15 @@ class LocalStore(ObjectStore):
         return await self._call("get_range", key, self._read, self.readable_path(key), start, end)
 
     @staticmethod
-    def _read_into(path: str, start: int, out: memoryview) -> int:
+    def _read_into(path: str, start: int, out: memoryview | Sequence[memoryview]) -> int:
+        pieces = [out] if isinstance(out, memoryview) else list(out)
+        wanted = sum(len(p) for p in pieces)
         total = 0
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
-            while total < len(out):
-                n = os.preadv(fd, [out[total:]], start + total)
+            while total < wanted:
+                # at most IOV_MAX (1024 on Linux) buffers per call
+                n = os.preadv(fd, _pieces_from(pieces, total)[:1024], start + total)
                 if n == 0:
                     break
                 total += n
@@ -186,6 +203,9 @@ class LocalStore(ObjectStore):
 
     async def read_into(self, key: str, start: int, out: memoryview) -> int:
         return await self._call("get_range", key, self._read_into, self.readable_path(key), start, out)
+
+    async def read_into_pieces(self, key: str, start: int, pieces: Sequence[memoryview]) -> int:
+        return await self._call("get_range", key, self._read_into, self.readable_path(key), start, pieces)
 
     async def exists(self, key: str) -> bool:
         return await self._call("head", key, os.path.isfile, self.readable_path(key))

@@ -105,6 +105,7 @@ class S3Store(ObjectStore):
     """Store over an ``s3fs.S3FileSystem``."""
 
     supports_conditional_put = True
+    reads_into_pieces = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(url, root, max_concurrency)
@@ -209,9 +210,11 @@ class S3Store(ObjectStore):
             **condition,
         )
 
-    async def _get_into(self, kind: str, key: str, out: memoryview | None, **range_kw: Any) -> Any:
-        """One GET and its body, retried together; the body goes into ``out`` (returns the byte
-        count) or is returned whole. A range that starts at or past the object's end (416)
+    async def _get_into(
+        self, kind: str, key: str, out: memoryview | Sequence[memoryview] | None, **range_kw: Any
+    ) -> Any:
+        """One GET and its body, retried together; the body goes into ``out`` (or the pieces it
+        lists, one after another; returns the byte count) or is returned whole. A range that starts at or past the object's end (416)
         reads nothing."""
 
         async def read(response: Any) -> Any:
@@ -248,6 +251,13 @@ class S3Store(ObjectStore):
             return 0
         span = f"bytes={start}-{start + len(out) - 1}"
         return int(await self._get_into("get_range", key, out, Range=span))
+
+    async def read_into_pieces(self, key: str, start: int, pieces: Sequence[memoryview]) -> int:
+        total = sum(len(p) for p in pieces)
+        if total == 0:
+            return 0
+        span = f"bytes={start}-{start + total - 1}"
+        return int(await self._get_into("get_range", key, list(pieces), Range=span))
 
     async def exists(self, key: str) -> bool:
         """Whether the object exists; ``BucketNotFoundError`` when its bucket does not.
@@ -392,8 +402,9 @@ class S3Store(ObjectStore):
             pass
 
 
-async def _read_body(response: Any, key: str, out: memoryview | None) -> Any:
-    """A GET response's body: into ``out`` (the byte count) or whole (bytes)."""
+async def _read_body(response: Any, key: str, out: memoryview | Sequence[memoryview] | None) -> Any:
+    """A GET response's body: into ``out`` or the pieces it lists, one after another (the byte
+    count), or whole (bytes)."""
     body = response["Body"]
     expected = int(response.get("ContentLength", -1))
     try:
@@ -402,11 +413,16 @@ async def _read_body(response: Any, key: str, out: memoryview | None) -> Any:
             got = len(data)
         else:
             got = 0
-            while got < len(out):
-                n = await body.readinto(out[got:])
-                if n == 0:
+            for piece in [out] if isinstance(out, memoryview) else out:
+                filled = 0
+                while filled < len(piece):
+                    n = await body.readinto(piece[filled:])
+                    if n == 0:
+                        break
+                    filled += n
+                got += filled
+                if filled < len(piece):
                     break
-                got += n
     finally:
         body.close()
     if 0 <= got < expected:
