@@ -1,20 +1,36 @@
 """Streaming one data object to the store as concurrent multipart parts.
 
-``ObjectUpload`` is a write-only stream: torch.save writes into it, bytes are copied once into
-pooled part buffers, and each full part is sent while serialization goes on. When the pool is
-empty, ``write`` blocks until a part has been sent: memory stays within the budget however large
-the checkpoint. An object of at most two parts goes up as a single PUT: the first full part is
-held back until a second one fills, so a small object costs one request instead of a multipart
-upload's start, parts and completion, each a round trip (and a completion may copy the object
-server-side). ``close_async`` lets
-the next object start while this one's last parts are still in flight. Stores that write in
-place (local files) take the bytes straight from torch.save's memory instead.
+``ObjectUpload`` is a write-only stream: torch.save writes into it and each full part is sent
+while serialization goes on. A part is a list of pieces (:mod:`dcp_cloud.save.parts`): bytes
+copied into pooled segment buffers, and, on stores that send a part from several buffers
+(``sends_part_pieces``), read-only views of a large tensor's own memory, which are never copied.
+
+Why referencing a tensor's memory is safe: views are taken only of a tensor the writer hands
+to ``begin_item`` as the caller's own memory (a CPU tensor the planner resolved, not a copy the
+writer made), and only of the bytes torch.save writes from that tensor's storage, recognised by
+address and size; every part is sent before ``write_data`` returns. In a synchronous
+``dcp.save`` DCP's contract is that the caller does not change the state dict during the save;
+``async_save`` stages a copy first and uploads from it; so in both the memory cannot change
+under the upload. Copies the writer makes (a GPU tensor brought to CPU, a view cloned to its own
+storage) are copied into segments like the rest: a view would keep each copy alive until its
+parts are sent. Everything else (torch.save's records, valid only during its ``write`` call,
+small tensors, pickled objects) is copied too, and the pool bounds those copies: when every
+segment is held by unsent parts, ``write`` blocks until one is sent. At most ``in_flight`` parts
+are queued at once (by default twice the store's concurrency, enough to keep every connection
+busy), so bytes in flight are bounded by connections, not by copies.
+
+An object of at most two parts goes up as a single PUT: the first full part is held back until
+a second one fills, so a small object costs one request instead of a multipart upload's start,
+parts and completion, each a round trip (and a completion may copy the object server-side).
+``close_async`` lets the next object start while this one's last parts are still in flight.
+Stores that write in place (local files) take the bytes straight from torch.save's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import warnings
 from typing import Any
 
@@ -26,30 +42,66 @@ from ..checkpoint.manifest import PayloadRecord
 from ..errors import DcpCloudError, UploadError
 from ..store import MultipartUpload, ObjectStore
 from ..store.base import WritesInPlace
+from ..store.body import PartBody
 from ..urls import scrub_text
+from .parts import Part, PartBuilder
+
+# Payloads below this are copied: a view per small tensor would only add pieces to the body.
+REFERENCE_MIN_BYTES = 256 * 1024
+
+
+def sends_part_pieces(store: ObjectStore) -> bool:
+    """Whether parts go to ``store`` as several buffers, tensor memory among them: only where
+    the store says so (``sends_part_pieces = True``; S3, GCS and Azure can, through PartBody,
+    but it is off until a multi-piece part is measured at least as fast as one copied buffer in
+    an emulated cloud)."""
+    return getattr(store, "sends_part_pieces", False) is True
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview | None:
+    """A read-only byte view of a contiguous CPU tensor's memory that keeps the tensor alive."""
+    try:
+        array = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+    except (RuntimeError, TypeError, ValueError):  # a dtype numpy or view(uint8) cannot take
+        return None
+    return memoryview(array).cast("B").toreadonly()  # type: ignore[arg-type]
 
 
 class ObjectUpload:
-    """Write-only stream that uploads ``key``; ``close_async`` finishes it, ``abort`` discards it."""
+    """Write-only stream that uploads ``key``; ``close_async`` finishes it, ``abort`` discards it.
 
-    def __init__(self, store: ObjectStore, key: str, pool: BufferPool) -> None:
+    ``pool`` holds the copied bytes; ``in_flight`` (shared by a save's uploads) bounds the parts
+    queued or being sent.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        pool: BufferPool,
+        in_flight: threading.Semaphore | None = None,
+    ) -> None:
         self.store = store
         self.key = key
         self.pool = pool
         self.part_size = pool.size
         self._position = 0
-        self._buffer: bytearray | None = None
-        self._fill = 0
+        self._parts = PartBuilder(pool, pool.size, self._send_part)
+        self._references = sends_part_pieces(store)
+        self._in_flight = in_flight or threading.Semaphore(2 * max(1, store.max_concurrency))
         # the first full part, held while the object may still fit in one PUT of two parts
-        self._held: bytearray | None = None
+        self._held: Part | None = None
         self._parts_sent = 0
         # started by the second full part, without blocking the writer on the request
         self._upload: concurrent.futures.Future[MultipartUpload] | None = None
         self._pending: list[concurrent.futures.Future[None]] = []
+        # queued parts not yet given back (a send cancelled before it ran never gives its back)
+        self._unsent: dict[int, Part] = {}
         self._item_crc = 0
         self._item_start = 0
         self._payload_size: int | None = None
         self._payload_address = 0
+        self._payload_tensor: torch.Tensor | None = None
         self._payload: PayloadRecord | None = None
         self._closed = False
         self.failure: Exception | None = None
@@ -62,21 +114,16 @@ class ObjectUpload:
         view = memoryview(data).cast("B")
         size = len(view)
         self._item_crc = crc32c.crc32c(view, self._item_crc)
-        if size == self._payload_size:
-            self._note_payload(view)
+        source = None
+        if size == self._payload_size and self._is_payload(view):
+            source = self._note_payload(view)
         if self._in_place is not None:
             self._write_in_place(self._in_place, view)
             return size
-        while view:
-            if self._buffer is None:
-                self._raise_failures()
-                self._buffer = self.pool.get()
-            n = min(len(view), self.part_size - self._fill)
-            self._buffer[self._fill : self._fill + n] = view[:n]
-            self._fill += n
-            view = view[n:]
-            if self._fill == self.part_size:
-                self._send_part()
+        if source is not None:
+            self._parts.reference(source)
+        else:
+            self._parts.copy(view)
         self._position += size
         return size
 
@@ -104,17 +151,24 @@ class ObjectUpload:
 
     # -- items ---------------------------------------------------------------------------------
 
-    def begin_item(self, tensor: torch.Tensor | None = None) -> int:
+    def begin_item(self, tensor: torch.Tensor | None = None, *, borrowed: bool = False) -> int:
         """Start checksumming a new item; returns its offset in the object.
 
         ``tensor``: the contiguous CPU tensor this item is the torch.save of. torch.save hands
         its memory to ``write`` in one call, without a copy; ``end_item`` then says where in
-        the item those bytes went.
+        the item those bytes went. ``borrowed``: the tensor is the caller's memory, unchanged
+        until the save returns, so parts may be sent straight from it (see the module's
+        docstring).
         """
         self._item_crc = 0
         self._item_start = self._position
         self._payload_size = tensor.nbytes if tensor is not None else None
         self._payload_address = tensor.data_ptr() if tensor is not None else 0
+        self._payload_tensor = (
+            tensor
+            if tensor is not None and borrowed and self._references and tensor.nbytes >= REFERENCE_MIN_BYTES
+            else None
+        )
         self._payload = None
         return self._position
 
@@ -122,48 +176,82 @@ class ObjectUpload:
         """The CRC32C of the bytes written since ``begin_item``, and where the tensor's own
         bytes lie in the item (None if they never came in one write)."""
         self._payload_size = None
+        self._payload_tensor = None
         return self._item_crc, self._payload
 
-    def _note_payload(self, view: memoryview) -> None:
+    def _is_payload(self, view: memoryview) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only buffers
             address = torch.frombuffer(view, dtype=torch.uint8).data_ptr()
-        if address == self._payload_address and self._payload is None:
-            offset = self._position - self._item_start
-            self._payload = PayloadRecord(offset, len(view), crc32c.crc32c(view))
+        return address == self._payload_address and self._payload is None
+
+    def _note_payload(self, view: memoryview) -> memoryview | None:
+        """Record where the payload lies; returns a lasting view of it to send from, if the
+        tensor may be referenced."""
+        offset = self._position - self._item_start
+        self._payload = PayloadRecord(offset, len(view), crc32c.crc32c(view))
+        if self._payload_tensor is None:
+            return None
+        source = _byte_view(self._payload_tensor)
+        if source is None or len(source) != len(view):
+            return None
+        return source
 
     # -- parts ---------------------------------------------------------------------------------
 
-    def _send_part(self) -> None:
-        buffer, fill = self._buffer, self._fill
-        assert buffer is not None
-        self._buffer, self._fill = None, 0
-        if self._upload is None and self._held is None and fill == self.part_size:
-            self._held = buffer  # sent at close, with the rest, if the object ends within a part
+    def _send_part(self, part: Part) -> None:
+        try:
+            self._raise_failures()
+        except BaseException:
+            self._parts.release(part)
+            raise
+        if self._upload is None and self._held is None and part.size == self.part_size:
+            self._held = part  # sent at close, with the rest, if the object ends within a part
             return
         if self._upload is None:
             self._upload = self.store.submit(self.store.start_upload(self.key))
         if self._held is not None:
             held, self._held = self._held, None
-            self._queue_part(held, self.part_size)
-        self._queue_part(buffer, fill)
+            self._queue_part(held)
+        self._queue_part(part)
 
-    def _queue_part(self, buffer: bytearray, fill: int) -> None:
+    def _queue_part(self, part: Part) -> None:
+        self._in_flight.acquire()  # released when the part is sent: never waits on this thread
         self._parts_sent += 1
         number = self._parts_sent
         offset = (number - 1) * self.part_size
-        self._pending.append(self.store.submit(self._send(number, offset, buffer, fill)))
+        self._unsent[number] = part
+        try:
+            self._pending.append(self.store.submit(self._send(number, offset, part)))
+        except BaseException:
+            self._give_back(number)
+            raise
 
     async def _started(self) -> MultipartUpload:
         assert self._upload is not None
         return await asyncio.wrap_future(self._upload)
 
-    async def _send(self, number: int, offset: int, buffer: bytearray, fill: int) -> None:
+    async def _send(self, number: int, offset: int, part: Part) -> None:
         try:
             upload = await self._started()
-            await self.store.upload_part(upload, number, offset, memoryview(buffer)[:fill])
+            await self.store.upload_part(upload, number, offset, self._body(part))
         finally:
-            self.pool.put(buffer)
+            self._give_back(number)
+
+    def _give_back(self, number: int) -> None:
+        part = self._unsent.pop(number, None)  # once, from whichever thread comes first
+        if part is not None:
+            self._parts.release(part)
+            self._in_flight.release()
+
+    def _body(self, part: Part) -> Any:
+        """A part's bytes as ``upload_part`` takes them: one view, or a PartBody of its pieces
+        (only stores that send pieces get several)."""
+        if len(part.pieces) == 1:
+            return part.pieces[0]
+        if self._references:
+            return PartBody(part.pieces)
+        return b"".join(part.pieces)  # not reached: without views, a part is one segment
 
     def _raise_failures(self) -> None:
         for future in self._pending:
@@ -187,23 +275,20 @@ class ObjectUpload:
         if self._closed:
             raise RuntimeError(f"upload of {self.key} is already finished")
         self._closed = True
+        last = self._parts.take()
+        self._parts.close()
         if self._upload is None:
-            pieces = [(self._held, self.part_size)] if self._held is not None else []
-            if self._buffer is not None:
-                pieces.append((self._buffer, self._fill))
-            self._held, self._buffer, self._fill = None, None, 0
-            return self.store.submit(self._put_whole(pieces))
-        if self._fill:
-            self._send_part()
-        elif self._buffer is not None:
-            self.pool.put(self._buffer)
-            self._buffer = None
+            parts = [p for p in (self._held, last) if p is not None]
+            self._held = None
+            return self.store.submit(self._put_whole(parts))
+        if last is not None:  # a failed part fails the completion, which aborts the upload
+            self._queue_part(last)
         return self.store.submit(self._complete())
 
-    async def _put_whole(self, pieces: list[tuple[bytearray, int]]) -> int:
-        """One PUT of the whole object, sent from its part buffers, at most two (held until
-        then, within the memory budget)."""
-        views = [memoryview(buffer)[:fill] for buffer, fill in pieces if fill]
+    async def _put_whole(self, parts: list[Part]) -> int:
+        """One PUT of the whole object, sent from its parts, at most two (held until then,
+        within the memory budget)."""
+        views = [piece for part in parts for piece in part.pieces]
         try:
             if len(views) > 1:
                 await self.store.put_pieces(self.key, views)
@@ -213,8 +298,8 @@ class ObjectUpload:
             raise self._error(exc) from exc
         finally:
             del views
-            for buffer, _ in pieces:
-                self.pool.put(buffer)
+            for part in parts:
+                self._parts.release(part)
         return self._position
 
     async def _complete(self) -> int:
@@ -240,10 +325,14 @@ class ObjectUpload:
         for future in self._pending:
             future.cancel()
         concurrent.futures.wait(self._pending)
-        for buffer in (self._held, self._buffer):
-            if buffer is not None:
-                self.pool.put(buffer)
-        self._held = self._buffer = None
+        for number in list(self._unsent):
+            self._give_back(number)
+        for part in (self._held, self._parts.take()):
+            if part is not None:
+                self._parts.release(part)
+        self._held = None
+        self._parts.close()
+        self._payload_tensor = None
         if self._upload is not None:
             try:
                 self.store.run(self.store.abort_upload(self._upload.result()))

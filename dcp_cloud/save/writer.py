@@ -4,7 +4,10 @@ Data flow: ``prepare_global_plan`` (coordinator) gives each rank a key prefix un
 id and records the save's intent and lease. ``write_data`` (every rank) serializes the
 planner's items with ``torch.save`` into :class:`~dcp_cloud.save.upload.ObjectUpload` streams,
 one data object per ``object_size`` bytes, each item aligned and checksummed (CRC32C) as it
-passes. ``finish`` (coordinator) gathers every rank's results into the manifest and the
+passes. On stores that declare ``sends_part_pieces``, large CPU tensors are sent from their own
+memory rather than copied: the planner's tensors are not changed until ``write_data`` returns
+(DCP's contract for ``save``; ``async_save`` stages a copy first), and every part is sent by
+then (see :mod:`dcp_cloud.save.upload`). ``finish`` (coordinator) gathers every rank's results into the manifest and the
 metadata and hands them to :class:`~dcp_cloud.checkpoint.stored.StoredCheckpoint`, which owns
 the commit protocol (:mod:`dcp_cloud.checkpoint.commit`): the manifest, then ``.metadata`` with
 one PUT, the commit; only after that are the intent released and the generation before the
@@ -20,6 +23,7 @@ import io
 import itertools
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -157,6 +161,14 @@ def _has_plain_payload(tensor: torch.Tensor) -> bool:
     )
 
 
+def _is_borrowed(given: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is the memory the planner handed over (a CPU tensor), not a copy made
+    here: only that memory stays unchanged, and alive, until the save returns."""
+    return given.device.type == "cpu" and (
+        given.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    )
+
+
 class CloudStorageWriter(StoreConnection, StorageWriter):
     """Saves DCP checkpoints to an object store (S3, GCS, Azure) or any fsspec filesystem.
 
@@ -177,7 +189,9 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         max_concurrency: requests in flight per process.
         memory_budget: bytes of part buffers per process (default 160 MiB: ten 16 MiB parts in
             flight, or two parts if parts are larger). Raise it where each connection is slow
-            (high latency), to keep more parts in flight.
+            (high latency), to keep more parts in flight. (On a store that declares
+            ``sends_part_pieces``, large CPU tensors are sent from their own memory instead and
+            the buffers hold only the copied bytes.)
         object_size: a rank starts a new data object past this many bytes (default 128 MiB, or
             one part if parts are larger; on GCS one part, where an object of several parts
             costs an upload and a delete per part plus a compose).
@@ -426,6 +440,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             return []
         opts = self.options
         pool = BufferPool(opts.part_size, max(2, opts.memory_budget // opts.part_size))
+        # parts queued or being sent: enough to keep every connection busy
+        in_flight = threading.Semaphore(2 * opts.max_concurrency)
         object_numbers = itertools.count()  # shared by the serializing threads
         if not self.store.writes_in_place:
             # one thread serializes; the parts it fills upload concurrently
@@ -440,12 +456,14 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             groups = _split_by_size(ordered, thread_count)
         with _torch_save_without_crc32():
             if len(groups) == 1:
-                outcomes = [self._pack_objects(groups[0], planner, prefix, pool, object_numbers)]
+                outcomes = [self._pack_objects(groups[0], planner, prefix, pool, in_flight, object_numbers)]
             else:
                 with concurrent.futures.ThreadPoolExecutor(len(groups), "dcp-cloud-serialize") as threads:
                     outcomes = list(
                         threads.map(
-                            lambda group: self._pack_objects(group, planner, prefix, pool, object_numbers),
+                            lambda group: self._pack_objects(
+                                group, planner, prefix, pool, in_flight, object_numbers
+                            ),
                             groups,
                         )
                     )
@@ -459,6 +477,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         planner: SavePlanner,
         prefix: _SavePrefix,
         pool: BufferPool,
+        in_flight: threading.Semaphore,
         object_numbers: Iterator[int],
     ) -> tuple[list[WriteResult], list[tuple[str, concurrent.futures.Future[int]]], BaseException | None]:
         """Serialize ``items`` into objects of at most ``object_size`` bytes; returns their
@@ -474,7 +493,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
                     if upload is not None:
                         closing.append((upload.key, upload.close_async()))
                     key = layout.data_key(prefix.save_id, prefix.file_prefix, next(object_numbers))
-                    upload = ObjectUpload(self.store, key, pool)
+                    upload = ObjectUpload(self.store, key, pool, in_flight)
                 results.append(self._write_item(upload, item, planner))
             assert upload is not None
             closing.append((upload.key, upload.close_async()))
@@ -492,8 +511,11 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             offset = upload.begin_item()
             upload.write(cast(io.BytesIO, data).getbuffer())
         else:
-            tensor = _cpu_tensor(cast(torch.Tensor, data))
-            offset = upload.begin_item(tensor if _has_plain_payload(tensor) else None)
+            given = cast(torch.Tensor, data)
+            tensor = _cpu_tensor(given)
+            offset = upload.begin_item(
+                tensor if _has_plain_payload(tensor) else None, borrowed=_is_borrowed(given, tensor)
+            )
             try:
                 torch.save(tensor, cast(IO[bytes], upload))
             except Exception as exc:

@@ -18,7 +18,8 @@ class PartBody:
     and every iteration sends the whole part. Deliberately not an ``io.IOBase``: aiobotocore and
     aiohttp would treat that as a file.
 
-    The bytes may come in several pieces (buffers sent one after the other as one body): ``read``
+    The bytes may come in several pieces (buffers sent one after the other as one body, or another
+    ``PartBody``, whose pieces it shares): ``read``
     then never crosses a piece's end, as a stream may return fewer bytes than asked for, except
     ``read()`` of everything left, which joins them (a copy).
 
@@ -28,12 +29,19 @@ class PartBody:
     _SEND_CHUNK = 1024 * 1024
 
     def __init__(
-        self, data: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+        self,
+        data: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview] | PartBody,
     ) -> None:
-        pieces: list[bytes | bytearray | memoryview] = (
-            list(data) if isinstance(data, (list, tuple)) else [cast("bytes | bytearray | memoryview", data)]
-        )
-        self._pieces = [view for view in (memoryview(piece).cast("B") for piece in pieces) if len(view)]
+        pieces: list[bytes | bytearray | memoryview]
+        if isinstance(data, PartBody):  # the same pieces, read from the start
+            pieces = list(data._pieces)
+        elif isinstance(data, (list, tuple)):
+            pieces = list(data)
+        else:
+            pieces = [cast("bytes | bytearray | memoryview", data)]
+        self._pieces: list[memoryview] = [
+            view for view in (memoryview(piece).cast("B") for piece in pieces) if len(view)
+        ]
         self._starts: list[int] = []
         total = 0
         for view in self._pieces:
