@@ -37,10 +37,14 @@ def _upload_has_data(target: Target, store: Any) -> bool:
     if target.store == "s3":
         client = target.server.client()
         prefix = target.url.removeprefix(f"s3://{BUCKET}/")
-        return any(
-            client.list_parts(Bucket=BUCKET, Key=f"{prefix}/{u.key}", UploadId=u.upload.state).get("Parts")
-            for u in uploads
-        )
+
+        def has_parts(key: str, upload_id: str) -> bool:
+            try:
+                return bool(client.list_parts(Bucket=BUCKET, Key=key, UploadId=upload_id).get("Parts"))
+            except client.exceptions.NoSuchUpload:  # completed since it was listed
+                return False
+
+        return any(has_parts(f"{prefix}/{u.key}", u.upload.state) for u in uploads)
     if target.store == "file":
         return any(
             os.path.getsize(u.upload.state[1]) > 0

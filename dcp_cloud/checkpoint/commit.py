@@ -47,6 +47,8 @@ def commit(
     Raises:
         CheckpointExistsError: when not ``overwrite``, a checkpoint was committed already, or
             another writer committed first; the save's objects are deleted either way.
+        DcpCloudError: the conditional PUT found an object there that could not be read back,
+            so whether it is this save's own is unknown; nothing is deleted.
     """
     store = stored.store
     if previous is not None and not overwrite:
