@@ -14,13 +14,10 @@ custom planner).
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -197,49 +194,8 @@ def scenario_attack(cfg: dict[str, Any], rank: int, world: int, mesh: Any) -> di
 
 
 def launch(world: int, workdir: Path, timeout: float = 180.0, grace: float = 30.0, **cfg: Any) -> dw.Job:
-    """Run scenario_attack on ``world`` ranks (see :func:`tests.share_worker.launch`)."""
-    out = Path(workdir) / f"attack-w{world}-{uuid.uuid4().hex[:8]}"
-    out.mkdir(parents=True)
-    config = {"scenario": "attack", "world": world, "out": str(out), "store": str(out / "pg_store"), **cfg}
-    cfg_path = out / "cfg.json"
-    cfg_path.write_text(json.dumps(config))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "OMP_NUM_THREADS": "1",
-        "TORCH_CPP_LOG_LEVEL": "ERROR",
-    }
-    env.pop("DCP_CLOUD_HOST_ID", None)
-    procs = []
-    started = time.monotonic()
-    for rank in range(world):
-        with open(out / f"rank{rank}.log", "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "tests.share_attack_worker", str(cfg_path), str(rank)],
-                    cwd=ROOT,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-    deadline = started + timeout
-    timed_out = False
-    try:
-        while any(p.poll() is None for p in procs):
-            now = time.monotonic()
-            if now > deadline:
-                timed_out = True
-                break
-            if any(p.returncode not in (None, 0) for p in procs):
-                deadline = min(deadline, now + grace)
-            time.sleep(0.05)
-    finally:
-        for proc in procs:
-            dw._kill_group(proc)
-    return dw.Job(out, world, [p.returncode for p in procs], timed_out, time.monotonic() - started)
+    """Run scenario_attack on ``world`` ranks (see :func:`tests.share_worker.launch_module`)."""
+    return sw.launch_module("tests.share_attack_worker", "attack", world, workdir, timeout, grace, **cfg)
 
 
 if __name__ == "__main__":

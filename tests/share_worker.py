@@ -185,9 +185,17 @@ def scenario_share(cfg: dict[str, Any], rank: int, world: int, mesh: Any) -> dic
 
 def launch(world: int, workdir: Path, timeout: float = 180.0, grace: float = 30.0, **cfg: Any) -> dw.Job:
     """Run scenario_share on ``world`` ranks (see :func:`tests.dist_worker.launch`)."""
-    out = Path(workdir) / f"share-w{world}-{uuid.uuid4().hex[:8]}"
+    return launch_module("tests.share_worker", "share", world, workdir, timeout, grace, **cfg)
+
+
+def launch_module(
+    module: str, scenario: str, world: int, workdir: Path, timeout: float, grace: float, **cfg: Any
+) -> dw.Job:
+    """Run ``scenario`` of the worker module ``module`` on ``world`` ranks, each in its own
+    process group; once one rank fails, the others get ``grace`` seconds before they are killed."""
+    out = Path(workdir) / f"{scenario}-w{world}-{uuid.uuid4().hex[:8]}"
     out.mkdir(parents=True)
-    config = {"scenario": "share", "world": world, "out": str(out), "store": str(out / "pg_store"), **cfg}
+    config = {"scenario": scenario, "world": world, "out": str(out), "store": str(out / "pg_store"), **cfg}
     cfg_path = out / "cfg.json"
     cfg_path.write_text(json.dumps(config))
     env = {
@@ -203,7 +211,7 @@ def launch(world: int, workdir: Path, timeout: float = 180.0, grace: float = 30.
         with open(out / f"rank{rank}.log", "wb") as log:
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "tests.share_worker", str(cfg_path), str(rank)],
+                    [sys.executable, "-m", module, str(cfg_path), str(rank)],
                     cwd=ROOT,
                     env=env,
                     stdin=subprocess.DEVNULL,
