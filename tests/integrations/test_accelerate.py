@@ -28,9 +28,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
-import time
 import traceback
 import uuid
 from pathlib import Path
@@ -39,7 +37,7 @@ from typing import Any
 import pytest
 import torch
 
-from .conftest import require_framework
+from .conftest import assert_same_tensors, launch_ranks, require_framework
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
@@ -145,45 +143,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _launch(cfg: dict[str, Any], env: dict[str, str], timeout: float = 150.0) -> list[dict[str, Any]]:
-    """Run one phase on WORLD processes; each rank's report, or a failure with the ranks' errors."""
-    out = Path(cfg["out"])
-    out.mkdir(parents=True)
-    config = out / "config.json"
-    config.write_text(json.dumps({**cfg, "port": _free_port()}))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.integrations.test_accelerate", str(config), str(rank)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(WORLD)
-    ]
-    deadline = time.monotonic() + timeout
-    logs = []
-    for proc in procs:
-        try:
-            stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            stdout, _ = proc.communicate()
-        logs.append(stdout.decode(errors="replace"))
-    errors = [(out / f"rank{r}.err").read_text() for r in range(WORLD) if (out / f"rank{r}.err").exists()]
-    codes = [p.returncode for p in procs]
-    if errors or any(codes):
-        raise AssertionError(
-            f"phase {cfg['phase']} failed (exit codes {codes}):\n" + "\n".join(errors or logs[-1:])
-        )
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+def _launch(cfg: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:
+    Path(cfg["out"]).mkdir(parents=True)
+    return launch_ranks("tests.integrations.test_accelerate", WORLD, {**cfg, "port": _free_port()}, env)
 
 
 @pytest.mark.slow
@@ -216,11 +178,11 @@ def test_accelerate_fsdp_sharded_save_state_and_load_state_on_s3(s3_server: Any,
     for rank in range(WORLD):
         res, ref, what = resumed[rank], trained[rank], f"rank {rank}"
         assert not torch.equal(res["params_before"]["0.weight"], ref["params_saved"]["0.weight"])
-        _assert_same_tensors(ref["params_saved"], res["params_saved"], f"{what}: loaded params")
+        assert_same_tensors(ref["params_saved"], res["params_saved"], f"{what}: loaded params")
         assert res["lr"] == ref["lr"], what
         assert res["next_loss"] == ref["next_loss"], (what, res["next_loss"], ref["next_loss"])
         # one more step moves the parameters exactly as before: the Adam moments came back too
-        _assert_same_tensors(ref["params_next"], res["params_next"], f"{what}: params one step later")
+        assert_same_tensors(ref["params_next"], res["params_next"], f"{what}: params one step later")
         assert res["restored"] and ref["restored"], what
 
 

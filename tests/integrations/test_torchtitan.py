@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 import traceback
 import uuid
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any, cast
 import pytest
 import torch
 
-from .conftest import require_framework
+from .conftest import assert_same_tensors, launch_ranks, require_framework
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8  # saves at 2, 4, 6, 8 with keep_latest_k=2
@@ -207,46 +205,12 @@ def _worker_main(config_path: str, rank: int) -> None:
 # -- the parent ----------------------------------------------------------------------------------
 
 
-def _launch(cfg: dict[str, Any], env: dict[str, str], timeout: float = 150.0) -> list[dict[str, Any]]:
-    """Run one phase on WORLD processes; each rank's report, or a failure with the ranks' errors."""
+def _launch(cfg: dict[str, Any], env: dict[str, str]) -> list[dict[str, Any]]:
     out = Path(cfg["out"])
     out.mkdir(parents=True)
-    cfg = {**cfg, "store": str(out / "pg-store")}
-    config = out / "config.json"
-    config.write_text(json.dumps(cfg))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.integrations.test_torchtitan", str(config), str(rank)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(WORLD)
-    ]
-    deadline = time.monotonic() + timeout
-    logs = []
-    for proc in procs:
-        try:
-            stdout, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            stdout, _ = proc.communicate()
-        logs.append(stdout.decode(errors="replace"))
-    errors = [(out / f"rank{r}.err").read_text() for r in range(WORLD) if (out / f"rank{r}.err").exists()]
-    codes = [p.returncode for p in procs]
-    if errors or any(codes):
-        raise AssertionError(
-            f"phase {cfg['phase']} failed (exit codes {codes}):\n" + "\n".join(errors or logs[-1:])
-        )
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys(), what
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+    return launch_ranks(
+        "tests.integrations.test_torchtitan", WORLD, {**cfg, "store": str(out / "pg-store")}, env
+    )
 
 
 MODES = ("disabled", "async", "async_with_pinned_mem")
@@ -299,11 +263,11 @@ def test_torchtitan_checkpoint_manager_saves_purges_and_resumes_on_s3(s3_server:
             assert res["found"] is True, what
             assert res["step"] == STEPS and res["pos"] == STEPS, (what, res["step"], res["pos"])
             assert not torch.equal(res["params_before"]["0.weight"], ref["params_saved"]["0.weight"])
-            _assert_same_tensors(ref["params_saved"], res["params_loaded"], f"{what}: loaded params")
+            assert_same_tensors(ref["params_saved"], res["params_loaded"], f"{what}: loaded params")
             assert res["next_loss"] == ref["next_loss"], (what, res["next_loss"], ref["next_loss"])
             # the step after the resume moves the parameters exactly as in the first run: the
             # Adam moments and the LR schedule came back too
-            _assert_same_tensors(ref["params_next"], res["params_next"], f"{what}: params one step later")
+            assert_same_tensors(ref["params_next"], res["params_next"], f"{what}: params one step later")
 
 
 if __name__ == "__main__":
