@@ -13,4 +13,7 @@ sampler, and prints its figures as JSON. The parent adds the server's request co
 medians and ratios over rounds (``summary``), checks the targets (``targets``), prints the
 tables (``tables``) and writes ``results/<name>.json``, ``.md`` and ``.png`` (``report``,
 ``plots``). ``catalog`` holds the names all of them share.
+
+``python -m benchmarks.fixed_cost`` (``fixed_cost``) is a separate measurement: the fixed cost of
+a small save and load over one raw PUT and GET of the same bytes, in one warm process.
 """

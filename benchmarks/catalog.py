@@ -7,6 +7,7 @@ against these names before anything heavy loads.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,45 @@ EMULATORS = {"gcs": "fake-gcs", "azure": "azurite"}
 ASYNC_CONTENDERS = ("dcp_cloud", "fsspec_t8", "filesystem_t8")
 TORCH_T8 = {"s3": "fsspec_t8", "gcs": "fsspec_t8", "azure": "fsspec_t8", "file": "filesystem_t8"}
 ALL_OPS = ("save", "load", "async_save")
+# The state dict's shapes (benchmarks.workloads) and the smallest size of each, in MiB
+WORKLOADS = ("model", "medium")
+DEFAULT_WORKLOAD = "model"
+MIN_SIZE_MIB = {"model": 1, "medium": 8}
+# dcp_cloud's writer's default max_concurrency (dcp_cloud.options.WRITER_MAX_CONCURRENCY), and
+# where the server runs on this machine (WRITER_LOCAL_MAX_CONCURRENCY): the raw ceiling's default
+# stream count. An emulated cloud stands for a remote store, so its runs pass the first.
+DCP_CLOUD_MAX_CONCURRENCY = 64
+DCP_CLOUD_LOCAL_CONCURRENCY = 8
+
+
+def writer_concurrency(args: Any) -> int:
+    """dcp_cloud's writer's requests in flight in this run: --max-concurrency, else its default
+    for the endpoint (a local server is on this machine; --endpoint-url is taken as remote)."""
+    if args.max_concurrency:
+        return int(args.max_concurrency)
+    return DCP_CLOUD_MAX_CONCURRENCY if args.endpoint_url else DCP_CLOUD_LOCAL_CONCURRENCY
+
+
+# The byte contenders' largest default part size (MiB): the raw ceiling's multipart parts and
+# ranged GETs are as large as dcp_cloud's parts for the same bytes (dcp_cloud.save.sizing)
+RAW_PART_MIB = 16
+
+
+def raw_streams_used(raw_streams: int, raw_part_mib: int, tensor_bytes: int) -> int:
+    """Streams the raw ceiling really runs: one object per stream, at least one part each, so
+    no more than the number of parts."""
+    return max(1, min(raw_streams, -(-tensor_bytes // (raw_part_mib * MiB))))
+
+
+# Requests in flight at most of the contenders whose stream count is fixed (their thread counts;
+# s3torchconnector's CRT client may open more connections than its 8 threads)
+FIXED_STREAMS = {
+    "fsspec_t1": 1,
+    "fsspec_t8": 8,
+    "s3torchconnector": 8,
+    "filesystem_t1": 1,
+    "filesystem_t8": 8,
+}
 REGION = "us-east-1"
 # botocore's switch for S3 bodies without a SHA-256 signature (config_kwargs of s3fs/dcp_cloud)
 UNSIGNED_PAYLOAD = {"s3": {"payload_signing_enabled": False}}

@@ -1,9 +1,10 @@
 """The byte contenders: the raw ceiling and dcp_cloud's transport, without DCP.
 
-    raw        the workload's tensor bytes as N objects (N = --raw-streams), N threads of one
-               client each way: on S3 plain boto3 multipart uploads and 16 MiB ranged GETs; on
-               GCS and Azure the fsspec client (``pipe_file`` or a file written part by part,
-               ranged ``cat_file``); on file pwrite+fsync into N files and preadv
+    raw        the workload's tensor bytes cut into parts of --raw-part-mib (16 MiB), as N
+               objects (N = --raw-streams, at most one per part), N threads of one client each
+               way: on S3 plain boto3 multipart uploads and a ranged GET per part; on GCS and
+               Azure the fsspec client (``pipe_file`` or a file written part by part, ranged
+               ``cat_file``); on file pwrite+fsync into N files and preadv
     transport  the same objects through dcp_cloud's store layer (its client, one event loop)
 
 Each saver takes the parts of ``benchmarks.workloads.raw_parts``; each loader fills one flat
@@ -20,9 +21,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks.catalog import REGION
+from benchmarks.catalog import REGION, MiB
 from benchmarks.contenders import WorkerSpec
-from benchmarks.workloads import RAW_PART_SIZE, raw_objects, raw_ranges
+from benchmarks.workloads import raw_objects, raw_ranges
 
 
 def _split_s3_url(url: str) -> tuple[str, str]:
@@ -151,7 +152,7 @@ def raw_save_fsspec(parts: list[bytes], spec: WorkerSpec) -> None:
         if len(numbers) == 1:
             fs.pipe_file(path, parts[numbers[0]])
             return
-        with fs.open(path, "wb", block_size=RAW_PART_SIZE) as out:
+        with fs.open(path, "wb", block_size=spec.raw_part_mib * MiB) as out:
             for number in numbers:
                 out.write(parts[number])
 

@@ -13,12 +13,20 @@ from benchmarks.catalog import (
     BASELINE,
     CLOUD_CONTENDERS,
     CONTENDERS,
+    DCP_CLOUD_LOCAL_CONCURRENCY,
+    DCP_CLOUD_MAX_CONCURRENCY,
+    DEFAULT_WORKLOAD,
     ENTRY_MODULE,
     FILE_CONTENDERS,
+    MIN_SIZE_MIB,
     OPT_IN_CONTENDERS,
+    RAW_PART_MIB,
     RESULTS_DIR,
     S3_CONTENDERS,
     STORES,
+    WORKLOADS,
+    MiB,
+    writer_concurrency,
 )
 
 DESCRIPTION = "Side-by-side benchmark of DCP save and load: dcp_cloud against the other ways to do it."
@@ -31,6 +39,14 @@ def _csv(value: str) -> list[str]:
 def _add_what(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to measure")
     what.add_argument("--size-mib", type=int, default=1024, help="state dict size (default 1024)")
+    what.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default=DEFAULT_WORKLOAD,
+        help="state dict shape: model (a few large matrices hold half the bytes, many medium ones "
+        "most of the rest) or medium (most bytes in 1-8 MiB fp32/bf16 matrices; at least "
+        f"{MIN_SIZE_MIB['medium']} MiB); both add 300 tiny vectors (default {DEFAULT_WORKLOAD})",
+    )
     what.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
     what.add_argument(
         "--contenders",
@@ -120,12 +136,30 @@ def _add_knobs(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument(
         "--raw-streams",
         type=int,
-        default=16,
-        help="parallel streams of the raw ceiling (default 16, dcp_cloud's default max_concurrency)",
+        default=None,
+        help="parallel streams of the raw ceiling (default: dcp_cloud's writer's max_concurrency)",
     )
-    knobs.add_argument("--part-size-mib", type=int, default=16, help="dcp_cloud part size (default 16)")
     knobs.add_argument(
-        "--max-concurrency", type=int, default=None, help="dcp_cloud max_concurrency (default: its own, 16)"
+        "--raw-part-mib",
+        type=int,
+        default=None,
+        help="part size of the raw ceiling and the transport (>= 5 on S3; default: the part size "
+        f"dcp_cloud's writer picks for the workload's bytes, at most {RAW_PART_MIB}, so that both "
+        "have as many parts to stream)",
+    )
+    knobs.add_argument(
+        "--part-size-mib",
+        type=int,
+        default=None,
+        help="dcp_cloud part size (default: its own, 16 MiB or less for a small checkpoint)",
+    )
+    knobs.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="dcp_cloud max_concurrency (default: its own: the writer's is "
+        f"{DCP_CLOUD_LOCAL_CONCURRENCY} against a server on this machine, {DCP_CLOUD_MAX_CONCURRENCY} "
+        "elsewhere, and in an emulated cloud, which stands for a remote store; the reader's 16)",
     )
     knobs.add_argument(
         "--memory-budget-mib",
@@ -185,6 +219,25 @@ def _check_ops(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     args.ops = [op for op in ALL_OPS if op in args.ops]
 
 
+def _writer_part_mib(args: argparse.Namespace) -> int:
+    """The part size (MiB, rounded up) dcp_cloud's writer uses for the workload's bytes."""
+    from benchmarks.workloads import workload_info
+    from dcp_cloud.save.sizing import save_sizes
+
+    if args.part_size_mib is not None:
+        return int(args.part_size_mib)
+    size = min(args.scaling or [args.size_mib])
+    sizes = save_sizes(
+        int(workload_info(size, args.workload)["tensor_bytes"]),
+        part_size=RAW_PART_MIB * MiB,  # dcp_cloud's default
+        object_size=128 * MiB,
+        max_concurrency=writer_concurrency(args),
+        part_size_given=False,
+        object_size_given=False,
+    )
+    return -(-sizes.part_size // MiB)
+
+
 def _check_setting(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if len(args.bucket) < 3:
         parser.error("--bucket must be at least 3 characters")
@@ -196,8 +249,26 @@ def _check_setting(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             "starts its own server"
         )
     args.server = args.server or ("moto" if args.store == "s3" else None)
-    if args.rounds < 1 or args.raw_streams < 1:
-        parser.error("--rounds and --raw-streams must be >= 1")
+    if args.max_concurrency is None and (args.latency_ms or args.bandwidth_mbps):
+        # the proxy on 127.0.0.1 stands for a remote store: dcp_cloud's default there
+        args.max_concurrency = DCP_CLOUD_MAX_CONCURRENCY
+    if args.raw_streams is None:  # the raw ceiling streams as many requests as dcp_cloud may
+        args.raw_streams = writer_concurrency(args)
+    concurrency = 1 if args.max_concurrency is None else args.max_concurrency
+    if min(args.rounds, args.raw_streams, concurrency) < 1:
+        parser.error("--rounds, --raw-streams and --max-concurrency must be >= 1")
+    smallest = min(args.scaling or [args.size_mib])
+    if smallest < MIN_SIZE_MIB[args.workload]:
+        parser.error(
+            f"the {args.workload} workload needs --size-mib (and --scaling sizes) of at least "
+            f"{MIN_SIZE_MIB[args.workload]}, got {smallest}"
+        )
+    if args.part_size_mib is not None and args.part_size_mib < 5:
+        parser.error("--part-size-mib must be >= 5 (S3's smallest multipart part)")
+    if args.raw_part_mib is None:
+        args.raw_part_mib = _writer_part_mib(args)
+    if args.raw_part_mib < (5 if args.store == "s3" else 1):
+        parser.error("--raw-part-mib must be >= 5 on S3 (its smallest multipart part), else >= 1")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,10 +28,12 @@ class WorkerSpec:
     url: str  # s3://, gs:// or az://bucket/prefix, or a local directory for the file store
     size_mib: int
     seed: int
-    part_size_mib: int
+    part_size_mib: int | None  # dcp_cloud's, None: its default
     endpoint_url: str
     storage_options: dict[str, Any]
     raw_streams: int = 16
+    raw_part_mib: int = 16  # the byte contenders' part size
+    workload: str = "model"  # benchmarks.workloads: "model" or "medium"
     max_concurrency: int | None = None  # dcp_cloud's, None: its default
     memory_budget_mib: int | None = None  # dcp_cloud's, None: its default
     profile: str | None = None  # py-spy output path: record the timed operation
@@ -39,7 +41,7 @@ class WorkerSpec:
 
 
 def _dcp_cloud_kwargs(spec: WorkerSpec) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"part_size": spec.part_size_mib * MiB}
+    kwargs: dict[str, Any] = {"part_size": spec.part_size_mib * MiB} if spec.part_size_mib else {}
     if spec.max_concurrency:
         kwargs["max_concurrency"] = spec.max_concurrency
     if spec.memory_budget_mib:

@@ -159,12 +159,13 @@ def _markdown_lines(
     if args.scaling:
         table = markdown_table(SCALING_HEADER, scaling_cells(rows))
         sizes = ", ".join(str(s) for s in sorted(record.workloads))
-        what = f"saves at {sizes} MiB, medians over {args.rounds} round(s)"
+        what = f"{args.workload} workload, saves at {sizes} MiB, medians over {args.rounds} round(s)"
     else:
         table = markdown_table(TABLE_HEADER, table_cells(rows, record.request_source))
         w = record.workloads[args.size_mib]
         what = (
-            f"{w['tensors']} tensors ({w['tensor_bytes'] / MiB:.1f} MiB, {w['bytes_by_dtype']}) + "
+            f"{args.workload} workload: {w['tensors']} tensors ({w['tensor_bytes'] / MiB:.1f} MiB, "
+            f"{w['bytes_by_dtype']}; {w['tensors_1_to_8_mib']} of 1-8 MiB) + "
             f"{w['non_tensor_entries']} non-tensor entries; medians over {args.rounds} round(s)"
         )
     async_note = (
@@ -184,6 +185,8 @@ def _markdown_lines(
         f"- workload: {what}",
         "- each measurement in a fresh process; GB/s = tensor bytes / wall seconds (1 GB = 1e9 bytes); "
         "peak extra RSS = peak RSS during the operation minus RSS after building the data; "
+        "streams = requests in flight at most (dcp_cloud and transport: max_concurrency; raw: "
+        f"--raw-streams, here {args.raw_streams}; torch classes: their threads); "
         f"requests counted by {record.request_source}" + async_note,
         "",
         table,

@@ -15,7 +15,19 @@ import time
 
 import psutil
 
-from benchmarks.catalog import ASYNC_CONTENDERS, BASELINE, CONTENDERS, EMULATORS, ENTRY_MODULE, TORCH_T8, MiB
+from benchmarks.catalog import (
+    ASYNC_CONTENDERS,
+    BASELINE,
+    CONTENDERS,
+    DEFAULT_WORKLOAD,
+    EMULATORS,
+    ENTRY_MODULE,
+    FIXED_STREAMS,
+    TORCH_T8,
+    MiB,
+    raw_streams_used,
+    writer_concurrency,
+)
 from benchmarks.contenders import WorkerSpec, available_contenders
 from benchmarks.endpoints import Endpoint, open_endpoint
 from benchmarks.measurement import Measurement, show_measurement
@@ -69,9 +81,23 @@ def default_name(args: argparse.Namespace) -> str:
         base += f"-lat{args.latency_ms:g}ms-bw{args.bandwidth_mbps:g}MBps"
     if args.unsigned_payload:
         base += "-unsigned"
+    if args.workload != DEFAULT_WORKLOAD:
+        base += f"-{args.workload}"
     if args.scaling:
         return f"scaling-{base}"
     return f"{base}-{args.size_mib}mib"
+
+
+def contender_streams(contender: str, args: argparse.Namespace, size_mib: int) -> int:
+    """Requests ``contender`` keeps in flight at most: dcp_cloud's max_concurrency, the raw
+    ceiling's --raw-streams (no more than its parts), the transport's max_concurrency (no more
+    than the parts), the torch classes' thread counts."""
+    concurrency = writer_concurrency(args)
+    if contender in ("raw", "transport"):
+        tensor_bytes = workload_info(size_mib, args.workload)["tensor_bytes"]
+        streams = args.raw_streams if contender == "raw" else concurrency
+        return raw_streams_used(streams, args.raw_part_mib, tensor_bytes)
+    return FIXED_STREAMS.get(contender, concurrency)
 
 
 def _spec(
@@ -88,6 +114,8 @@ def _spec(
         endpoint_url=endpoint.url if endpoint.store != "file" else "",
         storage_options=endpoint.storage_options,
         raw_streams=args.raw_streams,
+        raw_part_mib=args.raw_part_mib,
+        workload=args.workload,
         max_concurrency=args.max_concurrency,
         memory_budget_mib=args.memory_budget_mib,
     )
@@ -196,11 +224,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
     command = shlex.join([sys.executable, "-m", ENTRY_MODULE, *sys.argv[1:]])
     print(f"command: {command}")
     sizes = sorted(args.scaling) if args.scaling else [args.size_mib]
-    workloads = {size: workload_info(size) for size in sizes}
+    workloads = {size: workload_info(size, args.workload) for size in sizes}
     for size, w in workloads.items():
         print(
-            f"workload {size} MiB: {w['tensors']} tensors + {w['non_tensor_entries']} non-tensor "
-            f"entries, {w['tensor_bytes'] / MiB:.1f} MiB {w['bytes_by_dtype']}"
+            f"{args.workload} workload {size} MiB: {w['tensors']} tensors + {w['non_tensor_entries']} "
+            f"non-tensor entries, {w['tensor_bytes'] / MiB:.1f} MiB {w['bytes_by_dtype']}"
         )
     code_at_start = code_version()
     print(f"dcp_cloud code: {code_at_start}")
@@ -216,6 +244,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             if args.profile:
                 profiled = run_profiles(args, endpoint, name)
     rows = summarize(measurements, contenders, ("save",) if args.scaling else tuple(args.ops))
+    for row in rows:
+        row.streams = contender_streams(row.contender, args, row.size_mib)
     code = _code_during(code_at_start)
     targets = evaluate_targets(rows, args)
     _print_tables(args, rows, targets, endpoint.request_source)

@@ -21,6 +21,7 @@ class Row:
     gb_per_s: float | None = None
     blocked_s: float | None = None
     cpu_s: float | None = None  # the client's CPU seconds, all threads
+    streams: int | None = None  # requests in flight at most (see benchmarks.runner.contender_streams)
     vs_baseline: float | None = None  # this contender's GB/s / dcp_cloud's
     baseline_vs: float | None = None  # dcp_cloud's GB/s / this contender's
     peak_extra_rss_mib: float | None = None

@@ -15,6 +15,7 @@ TABLE_HEADER = (
     "blocked s",
     "client CPU s",
     "peak extra RSS MiB",
+    "streams",
     "requests by kind",
 )
 SCALING_HEADER = ("contender", "size MiB", "GB/s", "s (median)", "peak extra RSS MiB", "extra RSS / size")
@@ -43,9 +44,8 @@ def table_cells(rows: list[Row], source: str) -> list[tuple[str, ...]]:
     for r in rows:
         if r.errors or r.skipped:
             why = r.skipped or "; ".join(r.errors)
-            cells.append(
-                (r.contender, r.op, "FAILED" if r.errors else "skipped", "-", "-", "-", "-", "-", "-", why)
-            )
+            status = "FAILED" if r.errors else "skipped"
+            cells.append((r.contender, r.op, status, *("-",) * (len(TABLE_HEADER) - 4), why))
             continue
         cells.append(
             (
@@ -58,6 +58,7 @@ def table_cells(rows: list[Row], source: str) -> list[tuple[str, ...]]:
                 _fmt(r.blocked_s, ".2f"),
                 _fmt(r.cpu_s, ".2f"),
                 _fmt(r.peak_extra_rss_mib, ".0f"),
+                "-" if r.streams is None else str(r.streams),
                 _requests_cell(r, source),
             )
         )

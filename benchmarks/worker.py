@@ -31,6 +31,7 @@ from benchmarks.catalog import (
     REPO_ROOT,
     SCHEMES,
     UNVERIFIED,
+    MiB,
 )
 from benchmarks.ceilings import RAW_LOADERS, RAW_SAVERS, transport_load, transport_save
 from benchmarks.contenders import READERS, WRITERS, WorkerSpec
@@ -86,10 +87,10 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     store = url_store(spec.url)
     _preimport(spec.contender, store)
-    expected = build_state_dict(spec.size_mib, spec.seed)
+    expected = build_state_dict(spec.size_mib, spec.seed, spec.workload)
     result: dict[str, Any] = {"payload_bytes": tensor_bytes(expected)}
     if spec.contender in BYTE_CONTENDERS:
-        parts = raw_parts(expected)
+        parts = raw_parts(expected, spec.raw_part_mib * MiB)
         del expected  # the byte contenders hold only the parts while they are measured
         _time_bytes(spec, store, parts, result)
     else:

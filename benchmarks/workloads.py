@@ -1,4 +1,9 @@
-"""The workload: a seeded, model-shaped state dict, and the same bytes cut into raw parts.
+"""The workloads: seeded state dicts of two shapes, and the same bytes cut into raw parts.
+
+    model    a few large fp32 matrices (half the bytes), many medium fp32/bf16 matrices, a few
+             hundred tiny vectors: a model's state dict
+    medium   most bytes in 1-8 MiB fp32/bf16 matrices (about 57 of them at 256 MiB), plus the
+             same few hundred tiny vectors: where per-tensor costs weigh most
 
 Every contender saves and loads the state dict of ``build_state_dict``; the byte contenders
 (the raw ceiling and the transport) move its tensor bytes as ``raw_parts`` instead.
@@ -12,7 +17,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.catalog import MiB
+from benchmarks.catalog import DEFAULT_WORKLOAD, MIN_SIZE_MIB, RAW_PART_MIB, WORKLOADS, MiB
 
 HIDDEN = 1024
 LARGE_COUNT = 4
@@ -21,7 +26,10 @@ MEDIUM_COUNT = 48
 MEDIUM_SHARE = 0.45
 TINY_COUNT = 300
 TINY_NUMELS = (256, 1024, 4096)
-RAW_PART_SIZE = 16 * MiB
+# medium: tensor sizes in MiB, taken in this order round after round (mean 4.5 MiB)
+MEDIUM_SIZES_MIB = (3, 8, 1, 6, 2, 5, 7, 4)
+MEDIUM_MIN_BYTES = 1 * MiB
+RAW_PART_SIZE = RAW_PART_MIB * MiB
 
 
 @dataclass(frozen=True)
@@ -48,19 +56,19 @@ def _rows(nbytes: float, dtype: torch.dtype) -> int:
     return max(1, round(nbytes / (HIDDEN * torch.empty((), dtype=dtype).element_size())))
 
 
-def tensor_specs(size_mib: int) -> list[TensorSpec]:
-    """The tensors of a model-shaped state dict of about ``size_mib`` MiB.
-
-    A few large fp32 matrices (embeddings, output head) hold half the bytes, many medium fp32
-    and bf16 matrices (projections) most of the rest, and a few hundred tiny fp32 and bf16
-    vectors (norms, biases) the remainder.
-    """
-    total = size_mib * MiB
-    specs: list[TensorSpec] = []
+def _tiny_specs() -> list[TensorSpec]:
+    """The few hundred tiny fp32 and bf16 vectors (norms, biases) of every workload."""
+    specs = []
     for i in range(TINY_COUNT):
         dtype = torch.float32 if i % 2 == 0 else torch.bfloat16
         numel = TINY_NUMELS[i % len(TINY_NUMELS)]
         specs.append(TensorSpec(f"model.layers.{i // 6}.norm_{i % 6}.weight", (numel,), dtype))
+    return specs
+
+
+def _model_specs(size_mib: int) -> list[TensorSpec]:
+    total = size_mib * MiB
+    specs = _tiny_specs()
     for i in range(MEDIUM_COUNT):
         dtype = torch.float32 if i % 3 == 0 else torch.bfloat16
         rows = _rows(total * MEDIUM_SHARE / MEDIUM_COUNT, dtype)
@@ -70,6 +78,40 @@ def tensor_specs(size_mib: int) -> list[TensorSpec]:
     for i in range(LARGE_COUNT):
         specs.append(TensorSpec(f"model.large_{i}.weight", (large_rows, HIDDEN), torch.float32))
     return specs
+
+
+def _medium_specs(size_mib: int) -> list[TensorSpec]:
+    total = size_mib * MiB
+    specs = _tiny_specs()
+    remaining = total - sum(s.nbytes for s in specs)
+    i = 0
+    while remaining >= MEDIUM_MIN_BYTES:
+        dtype = torch.float32 if i % 3 == 0 else torch.bfloat16
+        want = min(MEDIUM_SIZES_MIB[i % len(MEDIUM_SIZES_MIB)] * MiB, remaining)
+        if remaining - want < MEDIUM_MIN_BYTES and remaining <= max(MEDIUM_SIZES_MIB) * MiB:
+            want = remaining  # the last one takes the rest rather than leave a sliver
+        spec = TensorSpec(f"model.layers.{i // 4}.proj_{i % 4}.weight", (_rows(want, dtype), HIDDEN), dtype)
+        specs.append(spec)
+        remaining -= spec.nbytes
+        i += 1
+    return specs
+
+
+def tensor_specs(size_mib: int, workload: str = DEFAULT_WORKLOAD) -> list[TensorSpec]:
+    """The tensors of a state dict of about ``size_mib`` MiB in the shape of ``workload``.
+
+    model: a few large fp32 matrices (embeddings, output head) hold half the bytes, many medium
+    fp32 and bf16 matrices (projections) most of the rest, and a few hundred tiny fp32 and bf16
+    vectors (norms, biases) the remainder.
+    medium: the same tiny vectors, and all other bytes in fp32 (every third) and bf16 matrices
+    of 1 to 8 MiB (sizes from MEDIUM_SIZES_MIB in turn; the last one takes what is left).
+    Its size is at least 8 MiB, so that the 1-8 MiB matrices hold most of the bytes.
+    """
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+    if size_mib < MIN_SIZE_MIB[workload]:
+        raise ValueError(f"the {workload} workload needs a size of at least {MIN_SIZE_MIB[workload]} MiB")
+    return _medium_specs(size_mib) if workload == "medium" else _model_specs(size_mib)
 
 
 def non_tensor_entries() -> dict[str, Any]:
@@ -82,24 +124,26 @@ def non_tensor_entries() -> dict[str, Any]:
     }
 
 
-def build_state_dict(size_mib: int, seed: int) -> dict[str, Any]:
+def build_state_dict(size_mib: int, seed: int, workload: str = DEFAULT_WORKLOAD) -> dict[str, Any]:
     """The benchmark state dict: seeded, so every process builds the same bytes."""
     generator = torch.Generator().manual_seed(seed)
     state_dict: dict[str, Any] = {}
-    for spec in tensor_specs(size_mib):
+    for spec in tensor_specs(size_mib, workload):
         state_dict[spec.name] = torch.randn(spec.shape, dtype=spec.dtype, generator=generator)
     state_dict.update(non_tensor_entries())
     return state_dict
 
 
-def workload_info(size_mib: int) -> dict[str, Any]:
+def workload_info(size_mib: int, workload: str = DEFAULT_WORKLOAD) -> dict[str, Any]:
     """What the generated state dict holds."""
-    specs = tensor_specs(size_mib)
+    specs = tensor_specs(size_mib, workload)
     by_dtype: Counter[str] = Counter()
     for s in specs:
         by_dtype[str(s.dtype).removeprefix("torch.")] += s.nbytes
     return {
+        "workload": workload,
         "tensors": len(specs),
+        "tensors_1_to_8_mib": sum(1 for s in specs if MiB <= s.nbytes <= 8 * MiB),
         "non_tensor_entries": len(non_tensor_entries()),
         "tensor_bytes": sum(s.nbytes for s in specs),
         "bytes_by_dtype": dict(by_dtype),
@@ -150,8 +194,8 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def raw_parts(state_dict: dict[str, Any]) -> list[bytes]:
-    """The state dict's tensor bytes, concatenated and cut into RAW_PART_SIZE parts."""
+def raw_parts(state_dict: dict[str, Any], part_size: int = RAW_PART_SIZE) -> list[bytes]:
+    """The state dict's tensor bytes, concatenated and cut into parts of ``part_size`` bytes."""
     parts: list[bytes] = []
     chunk = bytearray()
     for value in state_dict.values():
@@ -159,10 +203,10 @@ def raw_parts(state_dict: dict[str, Any]) -> list[bytes]:
             continue
         view = byte_view(value)
         while view:
-            n = min(len(view), RAW_PART_SIZE - len(chunk))
+            n = min(len(view), part_size - len(chunk))
             chunk += view[:n]
             view = view[n:]
-            if len(chunk) == RAW_PART_SIZE:
+            if len(chunk) == part_size:
                 parts.append(bytes(chunk))
                 chunk.clear()
     if chunk:

@@ -10,9 +10,17 @@ MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
 
-# The writer's default: ten 16 MiB parts, so that a save's peak memory above the state dict, the
+# The writer's default buffers for copied bytes: where every part is copied (stores that do not
+# send parts in pieces), ten 16 MiB parts, so that a save's peak memory above the state dict, the
 # HTTP client's included, stays under 256 MiB (measured: ~62 MiB on top of the budget).
 WRITER_MEMORY_BUDGET = 160 * MiB
+#: a writer's requests in flight by default: large tensors are sent from their own memory, so
+#: more connections cost no buffers, and on a cloud store each one carries only tens of MB/s
+WRITER_MAX_CONCURRENCY = 64
+#: ... and where the store's server runs on this machine (a loopback endpoint), which shares the
+#: CPU: there more uploads at once only contend (measured on SeaweedFS, 2 cores, 1 GiB saves:
+#: 0.106-0.116 GB/s with 8 in flight, 0.10 with 12, 0.085 with 16, 0.070 with 64)
+WRITER_LOCAL_MAX_CONCURRENCY = 8
 
 # Bounds on a store that does not answer. Every request is tried up to ``max_attempts`` times,
 # and a failed request is tried again only while less than RETRY_WINDOW seconds have passed

@@ -87,13 +87,32 @@ def describe(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _inject(step: dict[str, Any], rank: int) -> Any:
-    """Make this rank's shared fetch fail (``fail``) or die (``kill``) when the step asks;
-    returns the undo."""
+    """Make this rank's shared fetch fail (``fail``) or die (``kill``), its mapping of a peer's
+    shared-memory block fail (``map``), or its read_data fail before it shares anything
+    (``before_read``), when the step asks; returns the undo."""
+    from dcp_cloud.load import share_shm
     from dcp_cloud.load.fetcher import Fetcher
+    from dcp_cloud.load.reader import CloudStorageReader
 
     mode = step.get("fail_mode")
     if mode is None or step.get("fail_rank") != rank:
         return lambda: None
+    if mode == "map":
+        original_open = share_shm.open_block
+
+        def refuse(name: str, size: int, owner: int) -> Any:
+            raise share_shm.SharedBlockError(f"injected mapping failure on rank {rank}")
+
+        share_shm.open_block = refuse  # type: ignore[assignment]
+        return lambda: setattr(share_shm, "open_block", original_open)
+    if mode == "before_read":
+        original_read = CloudStorageReader.read_data
+
+        def fail_early(self: Any, plan: Any, planner: Any) -> Any:
+            raise RuntimeError(f"injected failure before reading on rank {rank}")
+
+        CloudStorageReader.read_data = fail_early  # type: ignore[method-assign]
+        return lambda: setattr(CloudStorageReader, "read_data", original_read)
     original = Fetcher.fetch_into
 
     def broken(self: Any, jobs: Any) -> int:
@@ -109,6 +128,21 @@ def _received(reader: Any) -> int:
     """Bytes this rank received from its peers in its last load (0 without sharing)."""
     share = reader.last_share
     return int(share.received) if share is not None else 0
+
+
+def _per_rank(value: Any, rank: int) -> Any:
+    """A step's setting for this rank: one for all, or a list with one per rank."""
+    return value[rank] if isinstance(value, list) else value
+
+
+def shm_blocks() -> list[str]:
+    """The shared-memory blocks of shared reads now in /dev/shm (of any load)."""
+    from dcp_cloud.load.share_shm import PREFIX, SHM_DIR
+
+    try:
+        return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(PREFIX))
+    except OSError:
+        return []
 
 
 def scenario_share(cfg: dict[str, Any], rank: int, world: int, mesh: Any) -> dict[str, Any]:
@@ -149,7 +183,7 @@ def scenario_share(cfg: dict[str, Any], rank: int, world: int, mesh: Any) -> dic
             reader = CloudStorageReader(
                 step["url"],
                 storage_options=options,
-                share_reads=step.get("share_reads", "job"),
+                share_reads=_per_rank(step.get("share_reads", "job"), rank),
                 share_timeout=step.get("share_timeout", 60.0),
                 **step.get("reader", {}),
             )
@@ -168,11 +202,15 @@ def scenario_share(cfg: dict[str, Any], rank: int, world: int, mesh: Any) -> dic
                 stats = reader.last_stats
                 result["bytes"] = stats.bytes if stats else None
                 result["received"] = _received(reader)
+                share = reader.last_share
+                result["through_memory"] = int(share.through_memory) if share is not None else 0
             if step.get("fail_mode") == "kill":
                 torch.save(out | {step["name"]: result}, Path(cfg["out"]) / f"rank{rank}.pt")
                 return out | {step["name"]: result}
         out[step["name"]] = result
         dist.barrier()
+        # every rank is done with the step: no block of it may be left
+        result["shm_left"] = shm_blocks()
         if rank == 0:
             dw._marker({"url": step["url"], "storage_options": cfg["storage_options"]}, step["name"])
         dist.barrier()

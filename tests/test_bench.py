@@ -18,7 +18,7 @@ def test_bench_compares_dcp_cloud_raw_and_transport_on_moto(tmp_path: Path) -> N
     # so the raw ceiling and the transport both go through a real multipart upload
     command = [
         sys.executable, "-m", "benchmarks.bench",
-        "--size-mib", "24", "--rounds", "1", "--raw-streams", "1",
+        "--size-mib", "24", "--rounds", "1", "--raw-streams", "1", "--raw-part-mib", "16",
         "--contenders", "dcp_cloud,raw,transport", "--ops", "save,load",
         "--no-plot", "--results-dir", str(tmp_path), "--name", "smoke",
     ]  # fmt: skip

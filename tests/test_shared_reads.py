@@ -296,8 +296,11 @@ def test_owner_killed(s3_server: S3Server, tmp_path_factory: pytest.TempPathFact
         "fail_mode": "kill",
         "share_timeout": 15.0,
     }
+    before = set(sw.shm_blocks())
     run = run_steps(s3_server, 3, workdir, [step], expect_ok=False, pg_timeout=20, grace=60)
     assert run.job.returncodes[2] == -9
+    # the dead owner's shared-memory block (made before its fetch) was swept by its peers
+    assert set(sw.shm_blocks()) - before == set()
     for rank in (0, 1):
         result = run.job.result(rank)["kill"]
         assert result["error"] is not None, f"rank {rank} loaded although rank 2 died"

@@ -52,6 +52,13 @@ def parts_target(request: pytest.FixtureRequest, tmp_path: Any) -> Target:
     return make_target(request.param, request, tmp_path)
 
 
+def _sliced_state(sizes: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Tensors that are views of part of a larger storage: the writer copies them (a view
+    would keep the whole storage), so their parts are made of pool buffers only."""
+    state = {name: torch.randn(numel + 1)[1:] for name, numel in sizes.items()}
+    return state, {name: torch.zeros(numel) for name, numel in sizes.items()}
+
+
 def test_upload_sends_parts_concurrently_within_the_budget(parts_target: Target) -> None:
     writer = parts_target.writer(
         part_size=5 * MiB, memory_budget=15 * MiB, max_concurrency=8, object_size=64 * MiB
@@ -59,12 +66,11 @@ def test_upload_sends_parts_concurrently_within_the_budget(parts_target: Target)
     store: ObjectStore = writer.store
     probe = _InFlight()
     store.upload_part = probe.wrap(store.upload_part, lambda upload, n, offset, data: len(data))  # type: ignore[method-assign]
-    state = {"a": torch.randn(10 * MiB), "b": torch.randn(3 * MiB)}  # 52 MiB
+    state, out = _sliced_state({"a": 10 * MiB, "b": 3 * MiB})  # 52 MiB, copied into parts
     dcp.save(state, storage_writer=writer)
     assert writer.last_stats is not None and writer.last_stats.requests["upload_part"] == 11
     assert probe.max_calls >= 2, "parts were sent one at a time"
     assert probe.max_bytes <= 15 * MiB, f"{probe.max_bytes} bytes in flight, budget 15 MiB"
-    out = {"a": torch.zeros(10 * MiB), "b": torch.zeros(3 * MiB)}
     dcp.load(out, storage_reader=parts_target.reader())
     assert torch.equal(out["a"], state["a"]) and torch.equal(out["b"], state["b"])
 
@@ -86,11 +92,10 @@ def test_one_part_objects_are_put_from_their_part_buffer(parts_target: Target) -
         await put(key, data, if_absent=if_absent)
 
     store.put = recording_put  # type: ignore[method-assign]
-    state = {f"w{i}": torch.randn(MiB // 4 * 3) for i in range(8)}  # 3 MiB each: one per object
+    state, out = _sliced_state({f"w{i}": MiB // 4 * 3 for i in range(8)})  # 3 MiB each: one per object
     dcp.save(state, storage_writer=writer)
     assert len(seen) == 8 and {kind for kind, _ in seen} == {memoryview}, seen
     assert writer.last_stats is not None and "upload_part" not in writer.last_stats.requests
-    out = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(out, storage_reader=parts_target.reader())
     assert all(torch.equal(out[k], v) for k, v in state.items())
 
@@ -100,7 +105,8 @@ def test_gcs_objects_default_to_one_part(
     store_name: str, request: pytest.FixtureRequest, tmp_path: Any
 ) -> None:
     """On GCS an object of several parts costs an upload and a delete per part plus a compose,
-    so by default only an item larger than a part makes one; S3 packs up to 128 MiB."""
+    so by default only an item larger than a part makes one; S3 packs up to 128 MiB, or an
+    eighth of a small rank's bytes but at least four parts (here 20 MiB)."""
     target = make_target(store_name, request, tmp_path)
     state = {f"m{i}": torch.randn(MiB // 4 * 3) for i in range(4)}  # 3 MiB each
     state["big"] = torch.randn(3 * MiB)  # 12 MiB: three parts of 5 MiB
@@ -112,8 +118,8 @@ def test_gcs_objects_default_to_one_part(
         assert writer.object_size == 5 * MiB
         assert stats.objects == 5 and stats.requests["complete_upload"] == 1  # the big item only
     else:
-        assert writer.object_size == 128 * MiB
-        assert stats.objects == 1 and stats.requests["complete_upload"] == 1
+        assert writer.object_size == 128 * MiB and writer.sizes_for(24 * MiB).object_size == 20 * MiB
+        assert stats.objects == 2 and stats.requests["complete_upload"] == 2  # 12 MiB each
     packed = target.writer(target.url + "-packed", part_size=5 * MiB, object_size=64 * MiB)
     dcp.save(state, storage_writer=packed)
     assert packed.object_size == 64 * MiB and packed.last_stats is not None and packed.last_stats.objects == 1

@@ -72,7 +72,7 @@ def _stored_objects(target: Target, save_id: str) -> dict[str, bytes]:
     return {info.key: store.run(store.get(info.key)) for info in infos}
 
 
-@pytest.mark.parametrize("store_name", ["s3", "gcs"])
+@pytest.mark.parametrize("store_name", ["s3", "gcs", "azure"])
 def test_referenced_and_copied_saves_store_the_same_bytes(
     store_name: str, request: pytest.FixtureRequest, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -83,9 +83,9 @@ def test_referenced_and_copied_saves_store_the_same_bytes(
     for mode in ("referenced", "copied"):
         target = make_target(store_name, request, tmp_path)
         writer = target.writer(part_size=5 * MiB, memory_budget=10 * MiB, object_size=64 * MiB)
-        assert not sends_part_pieces(writer.store)  # off unless the store says so
-        if mode == "referenced":
-            writer.store.sends_part_pieces = True  # type: ignore[attr-defined]
+        assert sends_part_pieces(writer.store)  # the cloud stores send parts in pieces
+        if mode == "copied":
+            writer.store.sends_part_pieces = False  # type: ignore[attr-defined]
         probe = _PartProbe(writer.store)
         dcp.save(state, storage_writer=writer)
         outcomes[mode] = (_stored_objects(target, save_id), probe)
@@ -113,8 +113,9 @@ def test_referenced_and_copied_saves_store_the_same_bytes(
 def test_parts_in_flight_are_bounded_by_connections_not_buffers(s3_target: Target) -> None:
     """With buffers for two parts, eight parts still go at once: the large tensors' bytes are
     not copied into the pool."""
-    writer = s3_target.writer(part_size=5 * MiB, memory_budget=10 * MiB, max_concurrency=8)
-    writer.store.sends_part_pieces = True  # type: ignore[attr-defined]
+    writer = s3_target.writer(
+        part_size=5 * MiB, memory_budget=10 * MiB, max_concurrency=8, object_size=128 * MiB
+    )
     probe = _PartProbe(writer.store, delay=0.1)
     gets = 0
     real_get = BufferPool.get
@@ -134,6 +135,33 @@ def test_parts_in_flight_are_bounded_by_connections_not_buffers(s3_target: Targe
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(out, storage_reader=s3_target.reader())
     assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+def test_unsigned_bodies_sent_from_tensor_memory_carry_their_checksum(s3_target: Target) -> None:
+    """Over HTTPS (or unsigned plain HTTP) botocore streams a body with a CRC32 trailer, reading
+    it piece by piece: a part made of a copied header and a tensor's own memory must reach the
+    store whole, with the checksum the server verifies."""
+    from dcp_cloud import CloudStorageWriter
+
+    options = {**s3_target.storage_options, "config_kwargs": {"s3": {"payload_signing_enabled": False}}}
+    writer = CloudStorageWriter(
+        s3_target.url, storage_options=options, part_size=5 * MiB, object_size=64 * MiB
+    )
+    probe = _PartProbe(writer.store)
+    state = _mixed_state()
+    assert s3_target.server is not None
+    s3_target.server.clear_requests()
+    dcp.save(state, storage_writer=writer)
+    assert probe.referenced_parts >= 3, "no part was sent from tensor memory"
+    uploads = [r for r in s3_target.server.requests() if r.kind in ("upload_part", "put_object")]
+    assert uploads and not any(r.body_signed for r in uploads) and all(r.checksums for r in uploads)
+    out = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    out["extra"] = {"step": 0, "name": ""}
+    dcp.load(out, storage_reader=s3_target.reader())
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(out[key], value), key
+    assert out["extra"] == state["extra"]
 
 
 def test_memory_store_copies_every_part_into_one_buffer(

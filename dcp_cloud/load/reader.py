@@ -108,9 +108,12 @@ class CloudStorageReader(StoreConnection, StorageReader):
             process group, with ``no_dist`` or ``use_collectives=False``, nothing is shared.
             Every rank of the load must use the same setting. Items one rank alone needs are
             read as without sharing. Each rank holds at most ``memory_budget`` bytes of shared
-            items at once. Shared bytes travel between ranks over a gloo group of the load's
-            ranks (TCP, CPU memory), made for the purpose whatever the default backend; the
-            last load's figures are in ``last_share``.
+            items at once. Ranks that see the same ``/dev/shm`` take shared bytes from the
+            owner's shared-memory block (one memory copy); other ranks get them over a gloo
+            group of the load's ranks (TCP), made for the purpose whatever the default
+            backend. A rank that does not take part (it failed before reading, or passed
+            another ``share_reads``) is named in the others' error after ``share_timeout``.
+            The last load's figures are in ``last_share``.
         share_timeout: seconds a rank waits for its peers in one step of shared reading (a
             status exchange, a round's transfer) before it raises. A peer whose fetch fails
             tells the others before any data moves, and one that dies is noticed when its

@@ -8,14 +8,19 @@ fetches), merges an owner's neighbouring items wanted by the same ranks into
 :class:`SharePlan` travels to every rank in its ``LoadPlan.storage_data``. In ``read_data`` every
 rank of the group runs the rounds in lockstep (:class:`ShareRunner`): owners fetch their
 segments; all ranks exchange a status (so an owner's failure stops every rank before any data
-moves); owners send each segment to the ranks that need it (gloo point-to-point, CPU bytes);
-every rank decodes what it needs with the same decoder as unshared reads. Items only one rank
-needs are not shared: they are read as without sharing (direct reads included).
+moves); the ranks that need a segment take it from its owner: from a shared-memory block under
+``/dev/shm`` when they see the same one (:mod:`~dcp_cloud.load.share_shm`; one memory copy),
+else over gloo point-to-point (CPU bytes); every rank decodes what it needs with the same
+decoder as unshared reads. Items only one rank needs are not shared: they are read as without
+sharing (direct reads included).
 
-The collectives run on a gloo group of the ranks that share, created with a bounded timeout:
-a rank that dies or stops answering makes the others raise after at most that long (at once
-when its connection closes). The coordinator also reads ``.metadata`` and the manifest once
-and broadcasts them (:func:`broadcast_result`).
+Before the first round the ranks meet under the plan's secret token in the default store
+(:mod:`~dcp_cloud.load.share_arrival`), which also tells each which peers share its
+``/dev/shm``; a rank that never arrives (it failed before reading, or does not share) is named
+in the others' error after ``share_timeout``. The collectives run on a gloo group of the ranks
+that share, created with a bounded timeout: a rank that dies or stops answering makes the
+others raise after at most that long (at once when its connection closes). The coordinator
+also reads ``.metadata`` and the manifest once and broadcasts them (:func:`broadcast_result`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import secrets
 import socket
 import sys
 from collections import defaultdict
@@ -37,10 +43,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
 
 from ..errors import DcpCloudError, PeerReadError
+from . import share_shm
 from .decode import ItemDecoder
 from .direct import tensor_memory
 from .fetcher import Fetcher
 from .plan import DirectRead, FetchRange, StoredItem
+from .share_arrival import absent_message, leave, meet_peers
 
 #: ``share_reads`` values: share across the whole job, among the ranks of each host, or not
 SCOPES = ("job", "host", "off")
@@ -109,6 +117,8 @@ def calling_load_group(max_depth: int = 16) -> LoadGroup | None:
 _LOAD_FRAMES = ("local_step", "_load_state_dict")
 
 _GROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
+#: the timeout each of those groups was last set to
+_TIMEOUTS: dict[Any, float] = {}
 
 
 def side_group(ranks: tuple[int, ...], timeout: float) -> Any:
@@ -123,18 +133,24 @@ def side_group(ranks: tuple[int, ...], timeout: float) -> Any:
         # the ranks would rendezvous under different names and wait out the timeout. The
         # timeout is no part of the name either, so ranks set to different ones still meet.
         name = "dcp_cloud_share_" + hashlib.sha1(repr(list(ranks)).encode()).hexdigest()[:20]
-        group, _ = c10d._new_process_group_helper(
-            len(ranks),
-            ranks.index(dist.get_rank()),
-            list(ranks),
-            "gloo",
-            c10d._get_default_store(),
-            group_name=name,  # type: ignore[arg-type]  # GroupName: a NewType of str
-            timeout=timedelta(seconds=timeout),
-        )
+        try:
+            group, _ = c10d._new_process_group_helper(
+                len(ranks),
+                ranks.index(dist.get_rank()),
+                list(ranks),
+                "gloo",
+                c10d._get_default_store(),
+                group_name=name,  # type: ignore[arg-type]  # GroupName: a NewType of str
+                timeout=timedelta(seconds=timeout),
+            )
+        except RuntimeError as exc:  # the store's rendezvous gave up waiting for a rank
+            raise PeerReadError(
+                f"{absent_message([], timeout, 'the shared read')} ({type(exc).__name__}: {exc})"
+            ) from exc
         c10d._world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
         _GROUPS[key] = group
     c10d._set_pg_timeout(timedelta(seconds=timeout), _GROUPS[key])
+    _TIMEOUTS[_GROUPS[key]] = timeout
     return _GROUPS[key]
 
 
@@ -147,7 +163,13 @@ def broadcast_result(group: Any, src: int, is_source: bool, produce: Callable[[]
         except BaseException as exc:  # noqa: BLE001 - every rank must learn of it
             payload = ("error", _portable(exc))
     box = [payload]
-    dist.broadcast_object_list(box, src=src, group=group)
+    try:
+        dist.broadcast_object_list(box, src=src, group=group)
+    except RuntimeError as exc:  # gloo gave up: a rank is missing (or died)
+        timeout = _TIMEOUTS.get(group, 0.0)
+        raise PeerReadError(
+            f"{absent_message([], timeout, 'the shared read of .metadata')} ({type(exc).__name__}: {exc})"
+        ) from exc
     status, value = box[0]
     if status == "error":
         raise value
@@ -205,6 +227,8 @@ class SharePlan:
     ranks: tuple[int, ...]
     segments: tuple[Segment, ...] = ()
     timeout: float = 300.0
+    #: this load's secret: names its peers' meeting and its shared-memory blocks ("": neither)
+    token: str = ""
 
     def slots_of(self, rank: int) -> set[Slot]:
         """The stored items ``rank`` reads through sharing."""
@@ -305,7 +329,9 @@ def assign_shares(
             for start, end, held in _merge(sorted(whole, key=lambda s: s[1]), order, max_range, gap):
                 by_owner[owner].append(Segment(-1, global_ranks[owner], key, start, end, held, receivers))
         segments = _pack_rounds(by_owner, budget)
-        plan = SharePlan(tuple(sorted(global_ranks[r] for r in members)), tuple(segments), timeout)
+        plan = SharePlan(
+            tuple(sorted(global_ranks[r] for r in members)), tuple(segments), timeout, secrets.token_hex(16)
+        )
         for r in members:
             plans[r] = plan
     return plans
@@ -360,18 +386,30 @@ def _pack_rounds(by_owner: dict[int, list[Segment]], budget: int) -> list[Segmen
 @dataclass(frozen=True)
 class ShareStats:
     """One rank's shared reading in one load: bytes it fetched from the store for itself and
-    its peers, and bytes it received from its peers."""
+    its peers, bytes it received from its peers, and how many of those it took from a peer's
+    shared-memory block (the rest came over gloo)."""
 
     fetched: int
     received: int
+    through_memory: int = 0
 
 
 # -- running (on every rank) --------------------------------------------------------------------
 
+#: a block holds the segments of one owner and round, each at an offset aligned to this
+_ALIGN = 64
+
 
 @dataclass
 class ShareRunner:
-    """Runs one rank's part of a :class:`SharePlan`: rounds of fetch, status, send, decode.
+    """Runs one rank's part of a :class:`SharePlan`: rounds of fetch, status, hand-over, decode.
+
+    Owners fetch each round's segments; when a receiver of a segment shares this rank's
+    ``/dev/shm`` (:func:`~dcp_cloud.load.share_shm.shm_domain`), straight into a shared-memory
+    block of the round, from which those receivers copy or decode; other receivers get it over
+    gloo. The status exchange tells every rank which owners made their block (one that could not,
+    say for lack of room, sends over gloo). An owner unlinks a block after the next exchange, when
+    every receiver holds its mapping; a failed load sweeps the blocks of its host.
 
     Memory: a rank holds the segments of one round at a time (those it owns and those it
     receives), at most the plan's budget, or one segment larger than it.
@@ -383,38 +421,62 @@ class ShareRunner:
     decoder: ItemDecoder
     #: this rank's stored items and the requests each serves, by (key, offset, length)
     items: dict[Slot, StoredItem] = field(default_factory=dict)
-    #: bytes this rank fetched from the store / received from its peers
+    #: bytes this rank fetched from the store / received from its peers (through shared memory)
     fetched: int = 0
     received: int = 0
+    through_memory: int = 0
     #: payload segments this rank reads straight into its destination, by (key, item offset)
     _routes: dict[tuple[str, int], DirectRead] = field(default_factory=dict)
+    #: each rank's shared-memory domain ("" where it has none)
+    _domains: dict[int, str] = field(default_factory=dict)
 
     @property
     def stats(self) -> ShareStats:
-        return ShareStats(self.fetched, self.received)
+        return ShareStats(self.fetched, self.received, self.through_memory)
 
     def run(self, planner: LoadPlanner) -> None:
-        group = side_group(self.plan.ranks, self.plan.timeout)
+        plan = self.plan
+        if plan.token:
+            mine = share_shm.shm_domain(host_id()) or ""
+            self._domains = meet_peers(plan.ranks, self.me, plan.token, plan.timeout, mine)
+        group = side_group(plan.ranks, plan.timeout)
         pending: BaseException | None = None
         try:
             self._route_payloads(planner)
         except Exception as exc:
             pending = exc
-        for segments in self.plan.rounds():
-            buffers: dict[int, torch.Tensor] = {}
-            if pending is None:
+        held: list[share_shm.Block] = []  # this rank's blocks not yet unlinked, oldest first
+        round_no = 0
+        try:
+            for round_no, segments in enumerate(plan.rounds()):
+                buffers: dict[int, torch.Tensor] = {}
+                block: share_shm.Block | None = None
+                if pending is None:
+                    try:
+                        buffers, block = self._fetch(round_no, segments)
+                    except Exception as exc:
+                        pending = exc
+                if block is not None:
+                    held.append(block)
+                made = self._exchange_status(group, pending, block is not None)
+                if round_no == 0 and plan.token:
+                    leave(plan.token, self.me)
+                # every receiver mapped the earlier rounds' blocks before this exchange
+                while len(held) > (block is not None):
+                    self._drop(held.pop(0))
                 try:
-                    buffers = self._fetch(segments)
+                    self._transfer(round_no, group, segments, buffers, made)
+                    self._decode(segments, buffers, planner)
                 except Exception as exc:
                     pending = exc
-            self._exchange_status(group, pending)
-            self._transfer(group, segments, buffers)
-            try:
-                self._decode(segments, buffers, planner)
-            except Exception as exc:
-                pending = exc
-            del buffers
-        self._exchange_status(group, pending)
+                del buffers
+            self._exchange_status(group, pending, False)
+        except BaseException:
+            self._sweep(round_no)
+            raise
+        finally:
+            for block in held:
+                self._drop(block)
 
     def _route_payloads(self, planner: LoadPlanner) -> None:
         """Which payload segments this rank takes straight into its destination tensor."""
@@ -433,29 +495,84 @@ class ShareRunner:
             return route.target.reshape(-1).view(torch.uint8)
         return torch.empty(segment.size, dtype=torch.uint8)
 
-    def _fetch(self, segments: list[Segment]) -> dict[int, torch.Tensor]:
-        """This rank's segments of the round, from the store, by index in the round."""
+    # -- shared memory ---------------------------------------------------------------------------
+
+    def _local(self, a: int, b: int) -> bool:
+        """Whether ranks ``a`` and ``b`` see the same ``/dev/shm``."""
+        domain = self._domains.get(a, "")
+        return bool(domain) and domain == self._domains.get(b, "")
+
+    def _layout(self, segments: list[Segment], owner: int) -> tuple[dict[int, int], int]:
+        """Where ``owner``'s block of a round holds each segment (by index in the round) that a
+        rank of its host receives, and the block's size."""
+        offsets: dict[int, int] = {}
+        size = 0
+        for i, segment in enumerate(segments):
+            if segment.owner == owner and any(self._local(owner, r) for r in segment.receivers):
+                offsets[i] = size
+                size += -(-segment.size // _ALIGN) * _ALIGN
+        return offsets, size
+
+    def _drop(self, block: share_shm.Block | None) -> None:
+        """Unlink this rank's block (its receivers keep their own mappings; it is unmapped here
+        when the last view of it goes)."""
+        if block is not None:
+            share_shm.unlink_block(block.name)
+
+    def _sweep(self, last_round: int) -> None:
+        """After a failure: remove the blocks of this load that ranks of this host (this one
+        included) made up to ``last_round``, as an owner that died cannot."""
+        if not self.plan.token or not self._local(self.me, self.me):
+            return
+        owners = {s.owner for s in self.plan.segments if self._local(s.owner, self.me)}
+        for round_no in range(last_round + 1):
+            for owner in owners:
+                share_shm.unlink_block(share_shm.block_name(self.plan.token, round_no, owner))
+
+    # -- the steps of a round ----------------------------------------------------------------------
+
+    def _fetch(
+        self, round_no: int, segments: list[Segment]
+    ) -> tuple[dict[int, torch.Tensor], share_shm.Block | None]:
+        """This rank's segments of the round, from the store, by index in the round, and the
+        shared-memory block that holds those a rank of this host receives (None: no block)."""
         fetches = {
             i: FetchRange(segment.key, segment.start, segment.end, self._items(segment))
             for i, segment in enumerate(segments)
             if segment.owner == self.me
         }
+        if not fetches:
+            return {}, None
         # a crafted .metadata may declare an item far larger than its object: each range over
         # the budget is probed for its end before any memory is mapped for it
         self.fetcher._check_large_ranges(list(fetches.values()))
-        buffers = {i: self._memory(segments[i]) for i in fetches}
-        jobs = [(fetch, tensor_memory(buffers[i])) for i, fetch in fetches.items()]
-        self.fetched += self.fetcher.fetch_into(jobs)
-        return buffers
+        offsets, size = self._layout(segments, self.me)
+        block = None
+        if size:
+            block = share_shm.create_block(share_shm.block_name(self.plan.token, round_no, self.me), size)
+        try:
+            buffers = {
+                i: _view(block, offsets[i], segments[i].size)
+                if block is not None and i in offsets
+                else self._memory(segments[i])
+                for i in fetches
+            }
+            jobs = [(fetch, tensor_memory(buffers[i])) for i, fetch in fetches.items()]
+            self.fetched += self.fetcher.fetch_into(jobs)
+        except BaseException:
+            self._drop(block)
+            raise
+        return buffers, block
 
-    def _exchange_status(self, group: Any, error: BaseException | None) -> None:
-        """Every rank learns whether any rank failed; the first failure is raised everywhere."""
+    def _exchange_status(self, group: Any, error: BaseException | None, made_block: bool) -> set[int]:
+        """Every rank learns whether any rank failed (the first failure is raised everywhere)
+        and which ranks made a shared-memory block this round."""
         statuses: list[Any] = [None] * len(self.plan.ranks)
-        mine = None if error is None else (self.me, _portable(error))
+        mine = (None if error is None else (self.me, _portable(error)), made_block)
         dist.all_gather_object(statuses, mine, group=group)
         if error is not None:
             raise error
-        for status in statuses:
+        for status, _ in statuses:
             if status is not None:
                 rank, cause = status
                 raise PeerReadError(
@@ -465,20 +582,50 @@ class ShareRunner:
                     rank,
                     cause,
                 ) from cause
+        return {rank for rank, (_, made) in zip(self.plan.ranks, statuses) if made}
 
-    def _transfer(self, group: Any, segments: list[Segment], buffers: dict[int, torch.Tensor]) -> None:
-        """Owners send each segment to its receivers; receivers take theirs."""
+    def _transfer(
+        self,
+        round_no: int,
+        group: Any,
+        segments: list[Segment],
+        buffers: dict[int, torch.Tensor],
+        made: set[int],
+    ) -> None:
+        """Owners send each segment over gloo to its receivers on other hosts (or to all of
+        them, without a block); receivers take theirs over gloo or map their owner's block."""
         works: list[Any] = []
+        blocks: dict[int, tuple[dict[int, int], int]] = {}
         for i, segment in enumerate(segments):
-            if segment.owner == self.me:
+            owner = segment.owner
+            if owner == self.me:
                 for receiver in segment.receivers:
-                    works.append(dist.isend(buffers[i], dst=receiver, group=group, tag=i))
+                    if owner not in made or not self._local(owner, receiver):
+                        works.append(dist.isend(buffers[i], dst=receiver, group=group, tag=i))
             elif self.me in segment.receivers:
-                buffers[i] = self._memory(segment)
-                works.append(dist.irecv(buffers[i], src=segment.owner, group=group, tag=i))
                 self.received += segment.size
+                if owner in made and self._local(owner, self.me):
+                    blocks.setdefault(owner, self._layout(segments, owner))
+                    continue
+                buffers[i] = self._memory(segment)
+                works.append(dist.irecv(buffers[i], src=owner, group=group, tag=i))
+        failure: BaseException | None = None
+        for owner, (offsets, size) in blocks.items():
+            try:
+                block = share_shm.open_block(
+                    share_shm.block_name(self.plan.token, round_no, owner), size, owner
+                )
+            except share_shm.SharedBlockError as exc:
+                failure = failure or exc
+                continue
+            for i, offset in offsets.items():
+                if self.me in segments[i].receivers:
+                    buffers[i] = _view(block, offset, segments[i].size)
+                    self.through_memory += segments[i].size
         for work in works:
             work.wait()
+        if failure is not None:
+            raise failure
 
     def _decode(
         self, segments: list[Segment], buffers: dict[int, torch.Tensor], planner: LoadPlanner
@@ -494,6 +641,9 @@ class ShareRunner:
             (item,) = items
             route = self._routes.get((segment.key, item.offset))
             if route is not None:
+                target = route.target.reshape(-1).view(torch.uint8)
+                if target.data_ptr() != buffers[i].data_ptr():  # landed in a block: copy it over
+                    target.copy_(buffers[i])
                 fetch = FetchRange(segment.key, item.offset, item.offset + item.length, items, route)
                 self.decoder.commit_direct(fetch, route, planner)
             else:
@@ -501,6 +651,13 @@ class ShareRunner:
 
     def _items(self, segment: Segment) -> list[StoredItem]:
         return [self.items[(segment.key, o, n)] for o, n in segment.slots]
+
+
+def _view(block: share_shm.Block, offset: int, size: int) -> torch.Tensor:
+    """Bytes ``[offset, offset + size)`` of a block, as a tensor (which keeps it mapped)."""
+    if size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(block.memory, dtype=torch.uint8, count=size, offset=offset)
 
 
 def split_requests(

@@ -52,9 +52,7 @@ REFERENCE_MIN_BYTES = 256 * 1024
 
 def sends_part_pieces(store: ObjectStore) -> bool:
     """Whether parts go to ``store`` as several buffers, tensor memory among them: only where
-    the store says so (``sends_part_pieces = True``; S3, GCS and Azure can, through PartBody,
-    but it is off until a multi-piece part is measured at least as fast as one copied buffer in
-    an emulated cloud)."""
+    the store says so (``sends_part_pieces = True``: S3, GCS and Azure, through PartBody)."""
     return getattr(store, "sends_part_pieces", False) is True
 
 

@@ -45,10 +45,17 @@ from ..checkpoint.manifest import ItemRecord, Manifest, PayloadRecord
 from ..checkpoint.ownership import DEFAULT_LEASE_SECONDS, MAX_LEASE_SECONDS, Heartbeat, Intent
 from ..checkpoint.stored import StoredCheckpoint
 from ..errors import DcpCloudError
-from ..options import WRITER_MEMORY_BUDGET, TransferOptions
+from ..options import (
+    WRITER_LOCAL_MAX_CONCURRENCY,
+    WRITER_MAX_CONCURRENCY,
+    WRITER_MEMORY_BUDGET,
+    TransferOptions,
+)
 from ..stats import StatsRecorder, TransferStats
+from ..store import ObjectStore
 from ..store.connection import StoreConnection
 from ..urls import redact_url
+from .sizing import SaveSizes, save_sizes
 from .upload import ObjectUpload
 
 logger = logging.getLogger("dcp_cloud")
@@ -185,16 +192,22 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             ``secret``, ``profile``, ``token``, ...). Defaults to each cloud's standard
             credential chain and environment (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ...).
         filesystem: an existing fsspec filesystem to use instead of ``storage_options``.
-        part_size: bytes per multipart part (at least 5 MiB).
-        max_concurrency: requests in flight per process.
-        memory_budget: bytes of part buffers per process (default 160 MiB: ten 16 MiB parts in
-            flight, or two parts if parts are larger). Raise it where each connection is slow
-            (high latency), to keep more parts in flight. (On a store that declares
-            ``sends_part_pieces``, large CPU tensors are sent from their own memory instead and
-            the buffers hold only the copied bytes.)
-        object_size: a rank starts a new data object past this many bytes (default 128 MiB, or
-            one part if parts are larger; on GCS one part, where an object of several parts
-            costs an upload and a delete per part plus a compose).
+        part_size: bytes per multipart part (at least 5 MiB). Default: 16 MiB, or less (down
+            to 5 MiB) for a rank that saves fewer than ``max_concurrency`` parts of 16 MiB, so
+            that every connection has a part to send.
+        max_concurrency: requests in flight per process. Default: 64, or 8 where the store's
+            server runs on this machine (a loopback endpoint such as a local MinIO, SeaweedFS
+            or emulator), which shares the CPU, so that more uploads at once only contend.
+        memory_budget: bytes of part buffers per process (default 160 MiB, or two parts if
+            parts are larger). On S3, GCS and Azure, large CPU tensors (256 KiB and more) are
+            sent from their own memory, and the buffers hold only the bytes that are copied:
+            torch.save's records, small tensors, pickled objects, and tensors the writer had
+            to copy (GPU tensors, non-contiguous views). Elsewhere every part is a buffer;
+            raise the budget where each connection is slow, to keep more parts in flight.
+        object_size: a rank starts a new data object past this many bytes. Default: 128 MiB (or
+            one part if parts are larger), or about an eighth of a small rank's bytes (at least
+            four parts); on GCS one part, where an object of several parts costs an upload and
+            a delete per part plus a compose.
         max_attempts: tries per request, retries included (throttling, 5xx, refused or timed-out
             connections, bodies cut off midway), with jittered exponential backoff.
         retry_window: seconds after a request's first failure within which it is tried again
@@ -224,8 +237,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         *,
         storage_options: dict[str, Any] | None = None,
         filesystem: AbstractFileSystem | None = None,
-        part_size: int = TransferOptions.part_size,
-        max_concurrency: int = TransferOptions.max_concurrency,
+        part_size: int | None = None,
+        max_concurrency: int | None = None,
         memory_budget: int | None = None,
         object_size: int | None = None,
         max_attempts: int = TransferOptions.max_attempts,
@@ -240,6 +253,12 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
                 f"lease_seconds must be more than 0 and at most {MAX_LEASE_SECONDS:g} seconds, "
                 f"got {lease_seconds!r}"
             )
+        self._part_size_given = part_size is not None
+        self._concurrency_given = max_concurrency is not None
+        if max_concurrency is None:
+            max_concurrency = WRITER_MAX_CONCURRENCY
+        if part_size is None:
+            part_size = TransferOptions.part_size
         options = TransferOptions(
             part_size=part_size,
             max_concurrency=max_concurrency,
@@ -270,11 +289,38 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
 
     @property
     def object_size(self) -> int:
-        """Bytes past which a rank starts a new data object: ``object_size`` if given, else the
-        store's default (one part on stores that prefer one-part objects)."""
+        """Bytes past which a rank starts a new data object, at most: ``object_size`` if given,
+        else the store's default (one part on stores that prefer one-part objects). A small
+        save uses smaller objects (see :meth:`sizes_for`)."""
         if not self._object_size_given and self.store.prefers_one_part_objects:
             return self.options.part_size
         return self.options.object_size
+
+    def _store_opened(self, store: ObjectStore) -> None:
+        if not self._concurrency_given and store.on_this_machine:
+            store.max_concurrency = min(store.max_concurrency, WRITER_LOCAL_MAX_CONCURRENCY)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests in flight at once: ``max_concurrency`` if given, else 64, or 8 where the
+        store's server runs on this machine (a loopback endpoint)."""
+        return self.store.max_concurrency
+
+    def sizes_for(self, total_bytes: int) -> SaveSizes:
+        """The part and object size of a rank that saves ``total_bytes`` of tensors: the
+        options', or, where the caller left them to the writer, smaller ones that give every
+        connection parts to send (see :mod:`dcp_cloud.save.sizing`)."""
+        if self.store.writes_in_place:  # local files: parts are not requests
+            return SaveSizes(self.options.part_size, self.object_size)
+        return save_sizes(
+            total_bytes,
+            part_size=self.options.part_size,
+            object_size=self.object_size,
+            max_concurrency=self.max_concurrency,
+            part_size_given=self._part_size_given,
+            object_size_given=self._object_size_given,
+            one_part_objects=self.store.prefers_one_part_objects,
+        )
 
     def __repr__(self) -> str:
         return f"CloudStorageWriter({redact_url(self.url)!r}, overwrite={self.overwrite})"
@@ -439,9 +485,10 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         if not ordered:
             return []
         opts = self.options
-        pool = BufferPool(opts.part_size, max(2, opts.memory_budget // opts.part_size))
+        sizes = self.sizes_for(sum(_estimated_size(item) for item in ordered))
+        pool = BufferPool(sizes.part_size, max(2, opts.memory_budget // sizes.part_size))
         # parts queued or being sent: enough to keep every connection busy
-        in_flight = threading.Semaphore(2 * opts.max_concurrency)
+        in_flight = threading.Semaphore(2 * self.max_concurrency)
         object_numbers = itertools.count()  # shared by the serializing threads
         if not self.store.writes_in_place:
             # one thread serializes; the parts it fills upload concurrently
@@ -451,18 +498,22 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             # spread it over threads, each packing its own objects, as FileSystemWriter does
             total = sum(_estimated_size(item) for item in ordered)
             thread_count = min(
-                _SERIALIZER_THREADS, opts.max_concurrency, max(1, total // _BYTES_PER_SERIALIZER)
+                _SERIALIZER_THREADS, self.max_concurrency, max(1, total // _BYTES_PER_SERIALIZER)
             )
             groups = _split_by_size(ordered, thread_count)
         with _torch_save_without_crc32():
             if len(groups) == 1:
-                outcomes = [self._pack_objects(groups[0], planner, prefix, pool, in_flight, object_numbers)]
+                outcomes = [
+                    self._pack_objects(
+                        groups[0], planner, prefix, pool, in_flight, object_numbers, sizes.object_size
+                    )
+                ]
             else:
                 with concurrent.futures.ThreadPoolExecutor(len(groups), "dcp-cloud-serialize") as threads:
                     outcomes = list(
                         threads.map(
                             lambda group: self._pack_objects(
-                                group, planner, prefix, pool, in_flight, object_numbers
+                                group, planner, prefix, pool, in_flight, object_numbers, sizes.object_size
                             ),
                             groups,
                         )
@@ -479,6 +530,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         pool: BufferPool,
         in_flight: threading.Semaphore,
         object_numbers: Iterator[int],
+        object_size: int,
     ) -> tuple[list[WriteResult], list[tuple[str, concurrent.futures.Future[int]]], BaseException | None]:
         """Serialize ``items`` into objects of at most ``object_size`` bytes; returns their
         results, the objects being completed, and the error that stopped it (if any)."""
@@ -487,9 +539,7 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
         upload: ObjectUpload | None = None
         try:
             for item in items:
-                if upload is None or (
-                    upload.tell() and upload.tell() + _estimated_size(item) > self.object_size
-                ):
+                if upload is None or (upload.tell() and upload.tell() + _estimated_size(item) > object_size):
                     if upload is not None:
                         closing.append((upload.key, upload.close_async()))
                     key = layout.data_key(prefix.save_id, prefix.file_prefix, next(object_numbers))

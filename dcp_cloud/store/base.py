@@ -23,9 +23,11 @@ import abc
 import asyncio
 import concurrent.futures
 import functools
+import ipaddress
 import random
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -124,6 +126,20 @@ def redacted_endpoint(url: str | None) -> str:
     return f"{match.group(1)}{match.group(2)}" if match else "the store's endpoint"
 
 
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """Whether ``endpoint`` (a URL) is a server on this machine: ``localhost`` or a loopback
+    address."""
+    host = urllib.parse.urlsplit(endpoint).hostname
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One object in a listing: its key relative to the store root, size and modification time."""
@@ -185,6 +201,10 @@ class ObjectStore(abc.ABC):
     #: whether ``read_into_pieces`` streams one request's body into the pieces as it arrives
     #: (else it reads the range into a buffer of its own and copies it out)
     reads_into_pieces: bool = False
+    #: whether ``upload_part`` and ``put_pieces`` send a body made of several buffers (a
+    #: ``PartBody``) without joining them: the writer then sends large CPU tensors from their
+    #: own memory instead of copying them into part buffers
+    sends_part_pieces: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -285,6 +305,12 @@ class ObjectStore(abc.ABC):
     def endpoint(self) -> str:
         """The store's endpoint, ``scheme://host[:port]`` only (for messages)."""
         return redacted_endpoint(None)
+
+    @property
+    def on_this_machine(self) -> bool:
+        """Whether the store's server runs on this machine (a loopback endpoint): it then
+        shares the CPU with this process, and fewer requests at once go faster."""
+        return is_loopback_endpoint(self.endpoint)
 
     def _unavailable(
         self, kind: str, exc: BaseException, tries: int, seconds: float

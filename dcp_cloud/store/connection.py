@@ -60,7 +60,11 @@ class StoreConnection:
                 self.options.retry_window,
             )
             self._store_pid = os.getpid()
+            self._store_opened(self._store)
         return self._store
+
+    def _store_opened(self, store: ObjectStore) -> None:
+        """Called once a store is opened, before its first request (subclasses adjust it)."""
 
     def _set_url(self, checkpoint_id: str | os.PathLike[str] | None) -> None:
         """Point at ``checkpoint_id`` (DCP's reset); a falsy id keeps the current URL."""

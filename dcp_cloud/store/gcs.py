@@ -76,6 +76,7 @@ class GCSStore(ObjectStore):
     supports_conditional_put = True
     prefers_one_part_objects = True
     reads_into_pieces = True
+    sends_part_pieces = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(url, root, max_concurrency)

@@ -92,11 +92,19 @@ def _require_bucket(fs: Any, shown: str, root: str, noun: str, form: str) -> Non
         raise StoreConfigError(f"{shown}: the URL names no {noun}; use {form}")
 
 
+#: botocore connection pool size of an S3 client, at least
+S3_POOL_CONNECTIONS = 64
+
+
 def _prepare_s3(options: dict[str, Any], max_concurrency: int, max_attempts: int) -> None:
-    """Size botocore's connection pool to the concurrency and set its retries (see
-    :mod:`dcp_cloud.store.s3` for who retries), unless the caller's ``config_kwargs`` say."""
+    """Size botocore's connection pool for the concurrency and set its retries (see
+    :mod:`dcp_cloud.store.s3` for who retries), unless the caller's ``config_kwargs`` say.
+
+    The pool holds at least ``S3_POOL_CONNECTIONS``, so that writers and readers of different
+    concurrency (32 and 16 by default) share one client: connections open only when used, and
+    each store's own semaphore bounds its requests."""
     config = dict(options.get("config_kwargs") or {})
-    config.setdefault("max_pool_connections", max(10, max_concurrency))
+    config.setdefault("max_pool_connections", max(S3_POOL_CONNECTIONS, max_concurrency))
     config.setdefault("retries", {"mode": "standard", "total_max_attempts": max_attempts})
     options["config_kwargs"] = config
 

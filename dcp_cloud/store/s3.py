@@ -16,6 +16,7 @@ says otherwise.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -106,6 +107,7 @@ class S3Store(ObjectStore):
 
     supports_conditional_put = True
     reads_into_pieces = True
+    sends_part_pieces = True
 
     def __init__(self, fs: Any, url: str, root: str, max_concurrency: int = 16, max_attempts: int = 10):
         super().__init__(url, root, max_concurrency)
@@ -127,7 +129,10 @@ class S3Store(ObjectStore):
     def endpoint(self) -> str:
         client = getattr(self.fs, "_s3", None)
         url = getattr(getattr(client, "meta", None), "endpoint_url", None)
+        url = url or getattr(self.fs, "endpoint_url", None)
         url = url or (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url")
+        # before the client exists, botocore's own environment variables
+        url = url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return redacted_endpoint(url or "https://s3.amazonaws.com")
 
     def _is_transient(self, exc: BaseException) -> bool:
