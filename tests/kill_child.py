@@ -38,8 +38,14 @@ def main() -> None:
 
         lease = os.environ.get("KILL_CHILD_LEASE_SECONDS")
         extra = {"lease_seconds": float(lease)} if lease else {}
+        # two parts at a time: the upload stays open long enough for the parent to see it
         writer = CloudStorageWriter(
-            url, storage_options=options, part_size=5 * 1024 * 1024, overwrite=overwrite, **extra
+            url,
+            storage_options=options,
+            part_size=5 * 1024 * 1024,
+            max_concurrency=2,
+            overwrite=overwrite,
+            **extra,
         )
     else:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter

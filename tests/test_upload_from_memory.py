@@ -36,6 +36,17 @@ def _mixed_state() -> dict[str, Any]:
     return state
 
 
+def _assert_loads_back(target: Target, state: dict[str, Any]) -> None:
+    """A load of ``target`` into a blank copy of ``_mixed_state`` gives ``state`` back, bit for bit."""
+    out = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    out["extra"] = {"step": 0, "name": ""}
+    dcp.load(out, storage_reader=target.reader())
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(out[key], value), key
+    assert out["extra"] == state["extra"]
+
+
 class _PartProbe:
     """Records each part's body kind and whether it holds views of memory outside the pool."""
 
@@ -89,13 +100,7 @@ def test_referenced_and_copied_saves_store_the_same_bytes(
         probe = _PartProbe(writer.store)
         dcp.save(state, storage_writer=writer)
         outcomes[mode] = (_stored_objects(target, save_id), probe)
-        out = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
-        out["extra"] = {"step": 0, "name": ""}
-        dcp.load(out, storage_reader=target.reader())
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(out[key], value), key
-        assert out["extra"] == state["extra"]
+        _assert_loads_back(target, state)
     referenced, copied = outcomes["referenced"], outcomes["copied"]
     assert sorted(referenced[0]) == sorted(copied[0])
     assert any(key.endswith(layout.DATA_SUFFIX) for key in referenced[0])
@@ -155,13 +160,7 @@ def test_unsigned_bodies_sent_from_tensor_memory_carry_their_checksum(s3_target:
     assert probe.referenced_parts >= 3, "no part was sent from tensor memory"
     uploads = [r for r in s3_target.server.requests() if r.kind in ("upload_part", "put_object")]
     assert uploads and not any(r.body_signed for r in uploads) and all(r.checksums for r in uploads)
-    out = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
-    out["extra"] = {"step": 0, "name": ""}
-    dcp.load(out, storage_reader=s3_target.reader())
-    for key, value in state.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(out[key], value), key
-    assert out["extra"] == state["extra"]
+    _assert_loads_back(s3_target, state)
 
 
 def test_memory_store_copies_every_part_into_one_buffer(
