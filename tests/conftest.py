@@ -3,7 +3,10 @@ local folders, memory. Each server starts when the first test that needs it runs
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -22,6 +25,15 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 # gRPC probe. Set for the whole session (and so for every child process) before any test can
 # patch the environment: a test that restores os.environ afterwards must not drop it.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+# Shared reads make their blocks in a directory of this test process's own (under /dev/shm, a
+# tmpfs), so that the tests that look for leftover blocks see only their own loads', not those of
+# tests running in another xdist worker (each worker imports this file and makes its own; the
+# ranks it starts inherit it).
+if os.path.isdir("/dev/shm"):
+    _SHM_DIR = tempfile.mkdtemp(prefix="dcp-cloud-tests-", dir="/dev/shm")
+    os.environ["DCP_CLOUD_SHM_DIR"] = _SHM_DIR
+    atexit.register(shutil.rmtree, _SHM_DIR, ignore_errors=True)
 
 BUCKET = "dcp-cloud-tests"
 STORES = ["s3", "gcs", "azure", "file", "memory"]

@@ -136,11 +136,11 @@ def _per_rank(value: Any, rank: int) -> Any:
 
 
 def shm_blocks() -> list[str]:
-    """The shared-memory blocks of shared reads now in /dev/shm (of any load)."""
-    from dcp_cloud.load.share_shm import PREFIX, SHM_DIR
+    """The shared-memory blocks of shared reads now in the block directory (of any load)."""
+    from dcp_cloud.load.share_shm import PREFIX, shm_dir
 
     try:
-        return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(PREFIX))
+        return sorted(name for name in os.listdir(shm_dir()) if name.startswith(PREFIX))
     except OSError:
         return []
 

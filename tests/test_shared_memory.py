@@ -43,7 +43,7 @@ def name() -> Any:
     made = _name()
     yield made
     for leftover in (made, made + ".target"):
-        path = Path(share_shm.SHM_DIR) / leftover
+        path = Path(share_shm.shm_dir()) / leftover
         if path.is_symlink() or path.exists():
             path.unlink()
 
@@ -54,24 +54,24 @@ def name() -> Any:
 def test_block_is_private_and_sized(name: str) -> None:
     block = share_shm.create_block(name, 3 * 4096 + 5)
     assert block is not None
-    info = os.lstat(Path(share_shm.SHM_DIR) / name)
+    info = os.lstat(Path(share_shm.shm_dir()) / name)
     assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
     assert info.st_size == 3 * 4096 + 5 and info.st_uid == os.geteuid()
     block.memory[:4] = b"abcd"
     peer = share_shm.open_block(name, 3 * 4096 + 5, owner=7)
     assert peer.memory[:4] == b"abcd"
     assert share_shm.unlink_block(name)
-    assert not (Path(share_shm.SHM_DIR) / name).exists()
+    assert not (Path(share_shm.shm_dir()) / name).exists()
     assert peer.memory[:4] == b"abcd"  # a mapping outlives the name
 
 
 def test_block_never_takes_over_an_existing_name_or_link(name: str) -> None:
-    path = Path(share_shm.SHM_DIR) / name
+    path = Path(share_shm.shm_dir()) / name
     path.write_bytes(b"someone else's")
     assert share_shm.create_block(name, 4096) is None
     assert path.read_bytes() == b"someone else's"
     path.unlink()
-    target = Path(share_shm.SHM_DIR) / (name + ".target")
+    target = Path(share_shm.shm_dir()) / (name + ".target")
     target.write_bytes(b"target")
     path.symlink_to(target)
     assert share_shm.create_block(name, 4096) is None
@@ -79,7 +79,7 @@ def test_block_never_takes_over_an_existing_name_or_link(name: str) -> None:
 
 
 def test_receiver_refuses_what_the_owner_did_not_make(name: str) -> None:
-    path = Path(share_shm.SHM_DIR) / name
+    path = Path(share_shm.shm_dir()) / name
     with pytest.raises(share_shm.SharedBlockError, match="cannot open"):
         share_shm.open_block(name, 4096, owner=3)
     path.write_bytes(b"\0" * 4096)
@@ -91,7 +91,7 @@ def test_receiver_refuses_what_the_owner_did_not_make(name: str) -> None:
         share_shm.open_block(name, 4095, owner=3)
     assert share_shm.open_block(name, 4096, owner=3).size == 4096
     path.unlink()
-    target = Path(share_shm.SHM_DIR) / (name + ".target")
+    target = Path(share_shm.shm_dir()) / (name + ".target")
     target.write_bytes(b"\0" * 4096)
     target.chmod(0o600)
     path.symlink_to(target)
@@ -103,9 +103,9 @@ def test_receiver_refuses_what_the_owner_did_not_make(name: str) -> None:
 
 
 def test_full_shm_falls_back(name: str) -> None:
-    free = os.statvfs(share_shm.SHM_DIR)
+    free = os.statvfs(share_shm.shm_dir())
     assert share_shm.create_block(name, free.f_bavail * free.f_frsize + (1 << 40)) is None
-    assert not (Path(share_shm.SHM_DIR) / name).exists()
+    assert not (Path(share_shm.shm_dir()) / name).exists()
 
 
 def test_names_and_domains() -> None:

@@ -27,8 +27,16 @@ from dataclasses import dataclass
 from ..errors import DcpCloudError
 
 #: where blocks are made: a tmpfs on Linux; without it (or where it is not writable) ranks
-#: exchange shared bytes over gloo
-SHM_DIR = "/dev/shm"
+#: exchange shared bytes over gloo. ``DCP_CLOUD_SHM_DIR`` names another directory (another tmpfs,
+#: say a larger one in a container); every rank of a host must name the same one to share it.
+DEFAULT_SHM_DIR = "/dev/shm"
+
+
+def shm_dir() -> str:
+    """The directory blocks are made in: ``DCP_CLOUD_SHM_DIR``, else ``/dev/shm``."""
+    return os.environ.get("DCP_CLOUD_SHM_DIR") or DEFAULT_SHM_DIR
+
+
 #: every block's name starts with this
 PREFIX = "dcp_cloud_share_"
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
@@ -41,10 +49,10 @@ def shm_domain(host: str) -> str | None:
     try:
         with open(_BOOT_ID) as f:
             boot = f.read().strip()
-        info = os.stat(SHM_DIR)
+        info = os.stat(shm_dir())
     except OSError:
         return None
-    if not stat.S_ISDIR(info.st_mode) or not os.access(SHM_DIR, os.W_OK | os.X_OK):
+    if not stat.S_ISDIR(info.st_mode) or not os.access(shm_dir(), os.W_OK | os.X_OK):
         return None
     return f"{host}|{boot}|{info.st_dev}:{info.st_ino}"
 
@@ -74,7 +82,7 @@ def create_block(name: str, size: int) -> Block | None:
     """A new block of ``size`` bytes, its pages reserved; None when ``/dev/shm`` has no room or
     the name is taken (the round's bytes then go over gloo)."""
     try:
-        directory = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        directory = os.open(shm_dir(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -105,8 +113,8 @@ def create_block(name: str, size: int) -> Block | None:
 
 def open_block(name: str, size: int, owner: int) -> Block:
     """Map ``owner``'s block, after checking it is the one the plan describes."""
-    where = f"{SHM_DIR}/{name}"
-    directory = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    where = f"{shm_dir()}/{name}"
+    directory = os.open(shm_dir(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
             # read-write like the owner's: decoding views the bytes as tensors, which torch
@@ -144,7 +152,7 @@ def unlink_block(name: str) -> bool:
     """Remove a block this load made, if it is there: only a regular file of this user (never
     what a link points to). True when one was removed."""
     try:
-        directory = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        directory = os.open(shm_dir(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return False
     try:
