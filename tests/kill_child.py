@@ -8,11 +8,13 @@ KILL_CHILD_LEASE_SECONDS sets the writer's lease (default: the writer's).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import time
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -38,7 +40,8 @@ def main() -> None:
 
         lease = os.environ.get("KILL_CHILD_LEASE_SECONDS")
         extra = {"lease_seconds": float(lease)} if lease else {}
-        # two parts at a time: the upload stays open long enough for the parent to see it
+        # two parts at a time, each held a moment after it is stored: the upload stays open,
+        # with parts in it, long enough for the parent to see it and kill this process
         writer = CloudStorageWriter(
             url,
             storage_options=options,
@@ -47,6 +50,13 @@ def main() -> None:
             overwrite=overwrite,
             **extra,
         )
+        upload_part = writer.store.upload_part
+
+        async def held_upload_part(*args: Any, **kwargs: Any) -> None:
+            await upload_part(*args, **kwargs)
+            await asyncio.sleep(0.2)
+
+        writer.store.upload_part = held_upload_part  # type: ignore[method-assign]
     else:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
