@@ -3,7 +3,9 @@
 Usage: python tests/kill_child.py {ours|fsspec} URL STORAGE_OPTIONS_JSON VALUE [GO_FILE [no-overwrite]]
 Prints READY when about to save and DONE when the save returned. With GO_FILE, waits for that
 file to exist before saving (to start several savers at once). The environment variable
-KILL_CHILD_LEASE_SECONDS sets the writer's lease (default: the writer's).
+KILL_CHILD_LEASE_SECONDS sets the writer's lease (default: the writer's). With
+KILL_CHILD_HOLD_FILE (ours only), each stored part waits for that file to exist, and the first
+one prints PART: the parent then knows an upload is open with data in it, for as long as it likes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from typing import Any
@@ -50,13 +53,40 @@ def main() -> None:
             overwrite=overwrite,
             **extra,
         )
+        hold_file = os.environ.get("KILL_CHILD_HOLD_FILE")
+        announced = threading.Lock()
+
+        def stored() -> bool:
+            """After a part is stored: whether it is the first (which then says PART)."""
+            if announced.acquire(blocking=False):
+                print("PART", flush=True)
+                return True
+            return False
+
         upload_part = writer.store.upload_part
 
         async def held_upload_part(*args: Any, **kwargs: Any) -> None:
             await upload_part(*args, **kwargs)
-            await asyncio.sleep(0.2)
+            if not hold_file:
+                await asyncio.sleep(0.2)
+                return
+            stored()
+            while not os.path.exists(hold_file):
+                await asyncio.sleep(0.01)
 
         writer.store.upload_part = held_upload_part  # type: ignore[method-assign]
+        write_in_place = getattr(writer.store, "write_in_place", None)
+        if write_in_place is not None and hold_file:  # local files are written in place
+
+            def held_write_in_place(upload: Any, offset: int, data: Any) -> None:
+                write_in_place(upload, offset, data)
+                if not memoryview(data).nbytes:
+                    return
+                stored()
+                while not os.path.exists(hold_file):
+                    time.sleep(0.01)
+
+            writer.store.write_in_place = held_write_in_place  # type: ignore[attr-defined]
     else:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 

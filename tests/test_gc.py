@@ -55,11 +55,12 @@ def _upload_has_data(target: Target, store: Any) -> bool:
 
 
 def _saver_with_open_upload(
-    target: Target, value: float, lease: float | None = None
+    target: Target, value: float, hold_file: Path, lease: float | None = None
 ) -> subprocess.Popen[str]:
     """A child saving ``value`` (with a save lease of ``lease`` seconds), returned once its
-    multipart upload holds some data."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    multipart upload holds some data. Its parts wait for ``hold_file`` to exist, so the upload
+    stays open until the caller creates that file or kills the child."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "KILL_CHILD_HOLD_FILE": str(hold_file)}
     if lease is not None:
         env["KILL_CHILD_LEASE_SECONDS"] = str(lease)
     child = subprocess.Popen(
@@ -70,18 +71,19 @@ def _saver_with_open_upload(
         env=env,
     )
     assert child.stdout is not None and child.stdout.readline().strip() == "READY"
+    line = child.stdout.readline().strip()
+    if line != "PART":
+        child.kill()
+        _out, err = child.communicate(timeout=30)
+        raise AssertionError(f"the child stored no part (it printed {line!r}): {err[-2000:]}")
     store = open_store(target.url, target.storage_options)
-    deadline = time.monotonic() + 60
-    while not _upload_has_data(target, store):
-        assert time.monotonic() < deadline, "the child never opened an upload"
-        assert child.poll() is None, "the child finished before its upload was seen"
-        time.sleep(0.005)
+    assert _upload_has_data(target, store), "a part was stored but no open upload holds it"
     return child
 
 
-def _kill_mid_upload(target: Target, value: float, lease: float | None = None) -> None:
+def _kill_mid_upload(target: Target, value: float, hold_file: Path, lease: float | None = None) -> None:
     """Start a save in a child and SIGKILL it while its multipart upload is open."""
-    child = _saver_with_open_upload(target, value, lease)
+    child = _saver_with_open_upload(target, value, hold_file, lease)
     child.kill()
     child.wait(timeout=30)
 
@@ -94,7 +96,7 @@ def test_gc_after_a_killed_save(store_kind: str, request: pytest.FixtureRequest,
     committed = {o.key for o in store.run(store.list_objects(""))}
 
     lease = 3.0
-    _kill_mid_upload(target, 2.0, lease)
+    _kill_mid_upload(target, 2.0, tmp_path / "go", lease)
     killed_at = time.monotonic()
     held = collect_garbage(target.url, storage_options=target.storage_options, grace_seconds=0)
     assert held.deleted == [] and held.aborted_uploads == []  # its lease is still live: untouched
@@ -168,10 +170,12 @@ def test_gc_leaves_foreign_files_alone(s3_target: Target) -> None:
     assert report.deleted == []
 
 
-def test_gc_never_touches_a_save_in_progress(s3_target: Target) -> None:
+def test_gc_never_touches_a_save_in_progress(s3_target: Target, tmp_path: Path) -> None:
     dcp.save(state(1.0), storage_writer=s3_target.writer(part_size=5 * 1024 * 1024))
-    child = _saver_with_open_upload(s3_target, 2.0)
+    go = tmp_path / "go"
+    child = _saver_with_open_upload(s3_target, 2.0, go)
     report = collect_garbage(s3_target.url, storage_options=s3_target.storage_options)
+    go.touch()
     out, err = child.communicate(timeout=120)
     assert child.returncode == 0 and "DONE" in out, err[-2000:]
     assert report.aborted_uploads == [] and report.deleted == []
