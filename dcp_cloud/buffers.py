@@ -9,10 +9,12 @@ from typing import Any
 
 
 class BufferPool:
-    """At most ``count`` bytearrays of ``size`` bytes, handed out and given back.
+    """At most ``count`` writable buffers of ``size`` bytes, handed out and given back.
 
     ``get`` blocks while all buffers are in use: that is the back-pressure that keeps an upload
-    within its memory budget. Buffers are reused, so they are allocated (and zero-filled) once.
+    within its memory budget. Each buffer is an anonymous memory map, so it costs memory only
+    for the pages written into it: a part that copies a few KiB of records into a 16 MiB buffer
+    holds a few KiB, not 16 MiB. Buffers are reused.
     """
 
     def __init__(self, size: int, count: int) -> None:
@@ -20,20 +22,20 @@ class BufferPool:
             raise ValueError("a buffer pool needs at least one buffer")
         self.size = size
         self.count = count
-        self._free: list[bytearray] = []
+        self._free: list[mmap.mmap] = []
         self._allocated = 0
         self._cond = threading.Condition()
 
-    def get(self) -> bytearray:
+    def get(self) -> mmap.mmap:
         with self._cond:
             while not self._free and self._allocated >= self.count:
                 self._cond.wait()
             if self._free:
                 return self._free.pop()
             self._allocated += 1
-        return bytearray(self.size)
+        return mmap.mmap(-1, self.size)
 
-    def put(self, buffer: bytearray) -> None:
+    def put(self, buffer: mmap.mmap) -> None:
         with self._cond:
             self._free.append(buffer)
             self._cond.notify()

@@ -194,14 +194,15 @@ def _data_writes(target: Target) -> list[str]:
 
 
 def test_an_object_of_up_to_two_parts_is_one_put(s3_target: Target) -> None:
-    """A small checkpoint costs one request per object, not a multipart upload's three or more."""
+    """A small object costs one request, not a multipart upload's three or more."""
     assert s3_target.server is not None
     mib = 1024 * 1024
     for parts, tensor_mib in ((1, 3), (2, 9), (3, 12)):
         state = {"x": torch.randn(tensor_mib * mib // 4), "y": torch.ones(7)}
         url = f"{s3_target.url}/{parts}-parts"
         s3_target.server.clear_requests()
-        dcp.save(state, storage_writer=s3_target.writer(url, part_size=5 * mib))
+        writer = s3_target.writer(url, part_size=5 * mib, object_size=64 * mib)
+        dcp.save(state, storage_writer=writer)
         writes = _data_writes(s3_target.child(f"{parts}-parts"))
         if parts <= 2:
             assert writes == ["put_object"], (parts, writes)
@@ -210,3 +211,26 @@ def test_an_object_of_up_to_two_parts_is_one_put(s3_target: Target) -> None:
         out = {"x": torch.zeros_like(state["x"]), "y": torch.zeros(7)}
         dcp.load(out, storage_reader=s3_target.reader(url))
         assert torch.equal(out["x"], state["x"]) and torch.equal(out["y"], state["y"])
+
+
+def test_a_small_save_sends_each_part_as_an_object_of_its_own(s3_target: Target) -> None:
+    """Under 32 parts, a save by default makes objects of one part: a PUT each, side by side,
+    with no multipart start or completion; an item larger than a part still goes up in parts."""
+    assert s3_target.server is not None
+    mib = 1024 * 1024
+    state = {"big": torch.randn(5 * mib), **{f"t{i}": torch.randn(mib // 4) for i in range(8)}}
+    writer = s3_target.writer()
+    dcp.save(state, storage_writer=writer)
+    sizes = writer.sizes_for(sum(t.nbytes for t in state.values()))
+    assert sizes.object_size == sizes.part_size <= state["big"].nbytes // 3  # 28 MiB: 5 MiB parts
+    writes = _data_writes(s3_target)
+    assert writes.count("create_multipart_upload") == writes.count("complete_multipart_upload") == 1
+    assert writes.count("put_object") >= 2  # the 1 MiB tensors, a few to an object
+    small = {f"s{i}": torch.randn(mib // 4) for i in range(8)}  # 8 MiB, 1 MiB each
+    s3_target.server.clear_requests()
+    dcp.save(small, storage_writer=s3_target.writer(s3_target.url + "/small"))
+    writes = _data_writes(s3_target.child("small"))
+    assert writes and set(writes) == {"put_object"}, writes
+    out = {k: torch.zeros_like(v) for k, v in small.items()}
+    dcp.load(out, storage_reader=s3_target.reader(s3_target.url + "/small"))
+    assert all(torch.equal(out[k], v) for k, v in small.items())

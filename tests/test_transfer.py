@@ -17,6 +17,7 @@ from dcp_cloud.store.base import ObjectStore
 from .conftest import STORES, Target, make_target
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 class _InFlight:
@@ -101,12 +102,14 @@ def test_one_part_objects_are_put_from_their_part_buffer(parts_target: Target) -
 
 
 @pytest.mark.parametrize("store_name", ["s3", "gcs"])
-def test_gcs_objects_default_to_one_part(
+def test_small_saves_and_gcs_make_objects_of_one_part(
     store_name: str, request: pytest.FixtureRequest, tmp_path: Any
 ) -> None:
-    """On GCS an object of several parts costs an upload and a delete per part plus a compose,
-    so by default only an item larger than a part makes one; S3 packs up to 128 MiB, or an
-    eighth of a small rank's bytes but at least four parts (here 20 MiB)."""
+    """An object of several parts costs a multipart upload's start and completion besides its
+    parts (on GCS an upload and a delete per part, plus a compose), so a small save (an eighth of
+    it under four parts), and by default every save on GCS, makes objects of one part: only an
+    item larger than a part makes a larger one. Larger saves elsewhere pack objects of at least
+    four parts, up to 128 MiB."""
     target = make_target(store_name, request, tmp_path)
     state = {f"m{i}": torch.randn(MiB // 4 * 3) for i in range(4)}  # 3 MiB each
     state["big"] = torch.randn(3 * MiB)  # 12 MiB: three parts of 5 MiB
@@ -114,12 +117,13 @@ def test_gcs_objects_default_to_one_part(
     dcp.save(state, storage_writer=writer)
     stats = writer.last_stats
     assert stats is not None
+    assert writer.sizes_for(24 * MiB).object_size == 5 * MiB
+    assert stats.objects == 5 and stats.requests["complete_upload"] == 1  # the big item only
     if store_name == "gcs":
-        assert writer.object_size == 5 * MiB
-        assert stats.objects == 5 and stats.requests["complete_upload"] == 1  # the big item only
+        assert writer.object_size == 5 * MiB and writer.sizes_for(GiB).object_size == 5 * MiB
     else:
-        assert writer.object_size == 128 * MiB and writer.sizes_for(24 * MiB).object_size == 20 * MiB
-        assert stats.objects == 2 and stats.requests["complete_upload"] == 2  # 12 MiB each
+        assert writer.object_size == 128 * MiB and writer.sizes_for(GiB).object_size == 128 * MiB
+        assert writer.sizes_for(160 * MiB).object_size == 20 * MiB  # four parts
     packed = target.writer(target.url + "-packed", part_size=5 * MiB, object_size=64 * MiB)
     dcp.save(state, storage_writer=packed)
     assert packed.object_size == 64 * MiB and packed.last_stats is not None and packed.last_stats.objects == 1

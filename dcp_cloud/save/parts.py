@@ -11,6 +11,7 @@ line up: each part is exactly one segment, one piece.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ class _Segment:
 
     __slots__ = ("buffer", "fill", "holders", "retired")
 
-    def __init__(self, buffer: bytearray) -> None:
+    def __init__(self, buffer: mmap.mmap) -> None:
         self.buffer = buffer
         self.fill = 0
         self.holders = 0

@@ -7,7 +7,10 @@ bounds the save. So, unless the caller chose them, parts shrink (down to S3's 5 
 until a rank's bytes make a part for every connection, and data objects shrink with the
 checkpoint (about an eighth of it each, at least four parts), so that small checkpoints are
 spread over several objects too: each completes on its own, and a ranged read of a small
-object costs little even on stores that pay per object byte.
+object costs little even on stores that pay per object byte. Where an eighth of a rank is
+under four parts (fewer than 32 parts in all), each object is one part: it goes up as one PUT,
+side by side with the others, without a multipart upload's start and completion, which are
+round trips of their own (and a completion may copy the object on the server).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from ..options import MAX_PARTS, MIN_PART_SIZE, MiB
 PARTS_PER_CONNECTION = 1
 #: a rank's bytes are spread over about this many data objects when the checkpoint is small
 OBJECTS_PER_RANK = 8
-#: an object is at least this many parts, so that its parts still go up side by side
+#: an object of several parts is at least this many, so that its parts go up side by side;
+#: below that, objects are one part each
 MIN_PARTS_PER_OBJECT = 4
 
 
@@ -61,7 +65,7 @@ def save_sizes(
         # an object may have at most MAX_PARTS parts
         part = max(part, min(part_size, _round_up(-(-object_size // MAX_PARTS), MiB)))
         return SaveSizes(part, object_size)
-    if one_part_objects:
+    eighth = max(1, total_bytes) // OBJECTS_PER_RANK
+    if one_part_objects or eighth < MIN_PARTS_PER_OBJECT * part:
         return SaveSizes(part, part)
-    wanted_object = _round_up(max(1, total_bytes) // OBJECTS_PER_RANK, part)
-    return SaveSizes(part, min(max(object_size, part), max(MIN_PARTS_PER_OBJECT * part, wanted_object)))
+    return SaveSizes(part, min(max(object_size, part), _round_up(eighth, part)))

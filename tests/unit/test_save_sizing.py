@@ -40,16 +40,32 @@ def test_small_ranks_get_smaller_parts_so_every_connection_has_one() -> None:
     assert _defaults(64 * GiB, concurrency=64) == (16 * MiB, 128 * MiB)
     assert _defaults(GiB, concurrency=16) == (16 * MiB, 128 * MiB)
     assert _defaults(GiB, concurrency=128) == (8 * MiB, 128 * MiB)
-    assert _defaults(256 * MiB, concurrency=16) == (16 * MiB, 64 * MiB)
+    assert _defaults(512 * MiB, concurrency=16) == (16 * MiB, 64 * MiB)
 
 
-def test_an_object_is_at_least_four_parts() -> None:
-    part, obj = _defaults(16 * MiB)
-    assert (part, obj) == (5 * MiB, 20 * MiB)  # one object of four parts, sent side by side
+@pytest.mark.parametrize(
+    ("total", "concurrency", "sizes_mib"),
+    [
+        (16 * MiB, 64, (5, 5)),  # four objects of one part: a PUT each, side by side
+        (100 * MiB, 64, (5, 5)),
+        (159 * MiB, 64, (5, 5)),  # 32 parts at most: an eighth of it is under four parts
+        (160 * MiB, 64, (5, 20)),  # from here an eighth is at least four parts
+        (256 * MiB, 8, (16, 16)),  # a server on this machine: 8 connections
+        (511 * MiB, 8, (16, 16)),
+        (512 * MiB, 8, (16, 64)),
+    ],
+)
+def test_an_object_is_one_part_or_at_least_four(
+    total: int, concurrency: int, sizes_mib: tuple[int, int]
+) -> None:
+    part, obj = _defaults(total, concurrency)
+    assert (part // MiB, obj // MiB) == sizes_mib
+    assert obj == part or obj >= 4 * part
 
 
 def test_sizes_the_caller_gave_are_kept() -> None:
-    assert _defaults(256 * MiB, part_size=16 * MiB) == (16 * MiB, 64 * MiB)  # four parts
+    assert _defaults(256 * MiB, part_size=16 * MiB) == (16 * MiB, 16 * MiB)  # 16 objects
+    assert _defaults(GiB, part_size=16 * MiB) == (16 * MiB, 128 * MiB)
     assert _defaults(256 * MiB, object_size=64 * MiB) == (5 * MiB, 64 * MiB)
     assert _defaults(256 * MiB, part_size=6 * MiB, object_size=6 * MiB) == (6 * MiB, 6 * MiB)
 
