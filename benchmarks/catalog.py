@@ -57,6 +57,9 @@ MIN_SIZE_MIB = {"model": 1, "medium": 8}
 # stream count. An emulated cloud stands for a remote store, so its runs pass the first.
 DCP_CLOUD_MAX_CONCURRENCY = 64
 DCP_CLOUD_LOCAL_CONCURRENCY = 8
+# dcp_cloud's reader's default max_concurrency (a load's ranged GETs in flight), which is also
+# the store layer's (the transport contender's)
+DCP_CLOUD_READER_CONCURRENCY = 16
 
 
 def writer_concurrency(args: Any) -> int:
@@ -65,6 +68,11 @@ def writer_concurrency(args: Any) -> int:
     if args.max_concurrency:
         return int(args.max_concurrency)
     return DCP_CLOUD_MAX_CONCURRENCY if args.endpoint_url else DCP_CLOUD_LOCAL_CONCURRENCY
+
+
+def reader_concurrency(args: Any) -> int:
+    """dcp_cloud's reader's requests in flight in this run: --max-concurrency, else its default."""
+    return int(args.max_concurrency) if args.max_concurrency else DCP_CLOUD_READER_CONCURRENCY
 
 
 # The byte contenders' largest default part size (MiB): the raw ceiling's multipart parts and

@@ -185,7 +185,8 @@ def _markdown_lines(
         f"- workload: {what}",
         "- each measurement in a fresh process; GB/s = tensor bytes / wall seconds (1 GB = 1e9 bytes); "
         "peak extra RSS = peak RSS during the operation minus RSS after building the data; "
-        "streams = requests in flight at most (dcp_cloud and transport: max_concurrency; raw: "
+        "streams = requests in flight at most (dcp_cloud and transport: max_concurrency, the "
+        "writer's in saves and the reader's in loads; raw: "
         f"--raw-streams, here {args.raw_streams}; torch classes: their threads); "
         f"requests counted by {record.request_source}" + async_note,
         "",

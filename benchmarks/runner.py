@@ -26,6 +26,7 @@ from benchmarks.catalog import (
     TORCH_T8,
     MiB,
     raw_streams_used,
+    reader_concurrency,
     writer_concurrency,
 )
 from benchmarks.contenders import WorkerSpec, available_contenders
@@ -88,14 +89,15 @@ def default_name(args: argparse.Namespace) -> str:
     return f"{base}-{args.size_mib}mib"
 
 
-def contender_streams(contender: str, args: argparse.Namespace, size_mib: int) -> int:
-    """Requests ``contender`` keeps in flight at most: dcp_cloud's max_concurrency, the raw
-    ceiling's --raw-streams (no more than its parts), the transport's max_concurrency (no more
-    than the parts), the torch classes' thread counts."""
-    concurrency = writer_concurrency(args)
+def contender_streams(contender: str, args: argparse.Namespace, size_mib: int, op: str = "save") -> int:
+    """Requests ``contender`` keeps in flight at most in ``op``: dcp_cloud's max_concurrency
+    (its writer's in saves, its reader's in loads), the raw ceiling's --raw-streams (no more than
+    its parts), the transport's (its store's: --max-concurrency, else 16; no more than the
+    parts), the torch classes' thread counts."""
+    concurrency = reader_concurrency(args) if op == "load" else writer_concurrency(args)
     if contender in ("raw", "transport"):
         tensor_bytes = workload_info(size_mib, args.workload)["tensor_bytes"]
-        streams = args.raw_streams if contender == "raw" else concurrency
+        streams = args.raw_streams if contender == "raw" else reader_concurrency(args)
         return raw_streams_used(streams, args.raw_part_mib, tensor_bytes)
     return FIXED_STREAMS.get(contender, concurrency)
 
@@ -245,7 +247,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 profiled = run_profiles(args, endpoint, name)
     rows = summarize(measurements, contenders, ("save",) if args.scaling else tuple(args.ops))
     for row in rows:
-        row.streams = contender_streams(row.contender, args, row.size_mib)
+        row.streams = contender_streams(row.contender, args, row.size_mib, row.op)
     code = _code_during(code_at_start)
     targets = evaluate_targets(rows, args)
     _print_tables(args, rows, targets, endpoint.request_source)

@@ -4,8 +4,9 @@ Usage: python tests/kill_child.py {ours|fsspec} URL STORAGE_OPTIONS_JSON VALUE [
 Prints READY when about to save and DONE when the save returned. With GO_FILE, waits for that
 file to exist before saving (to start several savers at once). The environment variable
 KILL_CHILD_LEASE_SECONDS sets the writer's lease (default: the writer's). With
-KILL_CHILD_HOLD_FILE (ours only), each stored part waits for that file to exist, and the first
-one prints PART: the parent then knows an upload is open with data in it, for as long as it likes.
+KILL_CHILD_HOLD_FILE (ours only), each stored part waits for that file to exist (at most
+HOLD_SECONDS, then the child exits with status 3), and the first one prints PART: the parent
+then knows an upload is open with data in it, for as long as it needs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 
 warnings.simplefilter("ignore")
 
+HOLD_SECONDS = 120.0
 # One large item and many small ones: with several files per save (FsspecWriter thread_count=4)
 # the small files finish long before the large one, which leaves a wide window to kill in.
 SHAPES = {"large": (12 * 1024 * 1024,), **{f"small.{i}": (16 * 1024,) for i in range(12)}}
@@ -31,6 +33,13 @@ SHAPES = {"large": (12 * 1024 * 1024,), **{f"small.{i}": (16 * 1024,) for i in r
 
 def state(value: float) -> dict[str, torch.Tensor]:
     return {name: torch.full(shape, value) for name, shape in SHAPES.items()}
+
+
+def _give_up_after(started: float) -> None:
+    """End a held child that nobody released or killed, so it cannot outlive its test."""
+    if time.monotonic() - started > HOLD_SECONDS:
+        print("nobody released the held upload", file=sys.stderr, flush=True)
+        os._exit(3)
 
 
 def main() -> None:
@@ -43,8 +52,8 @@ def main() -> None:
 
         lease = os.environ.get("KILL_CHILD_LEASE_SECONDS")
         extra = {"lease_seconds": float(lease)} if lease else {}
-        # two parts at a time, each held a moment after it is stored: the upload stays open,
-        # with parts in it, long enough for the parent to see it and kill this process
+        # two parts at a time, each held after it is stored: the upload stays open, with parts
+        # in it, long enough for the parent to see it and kill this process
         writer = CloudStorageWriter(
             url,
             storage_options=options,
@@ -54,6 +63,7 @@ def main() -> None:
             **extra,
         )
         hold_file = os.environ.get("KILL_CHILD_HOLD_FILE")
+        started = time.monotonic()
         announced = threading.Lock()
 
         def stored() -> bool:
@@ -72,6 +82,7 @@ def main() -> None:
                 return
             stored()
             while not os.path.exists(hold_file):
+                _give_up_after(started)
                 await asyncio.sleep(0.01)
 
         writer.store.upload_part = held_upload_part  # type: ignore[method-assign]
@@ -84,6 +95,7 @@ def main() -> None:
                     return
                 stored()
                 while not os.path.exists(hold_file):
+                    _give_up_after(started)
                     time.sleep(0.01)
 
             writer.store.write_in_place = held_write_in_place  # type: ignore[attr-defined]

@@ -286,3 +286,13 @@ def test_bench_medium_workload_runs_every_byte_and_dcp_contender_on_moto(tmp_pat
     streams = {c: rows[c, "save"]["streams"] for c in ("dcp_cloud", "fsspec_t8", "raw", "transport")}
     assert streams == {"dcp_cloud": 8, "fsspec_t8": 8, "raw": 2, "transport": 4}
     assert "medium workload" in (tmp_path / "moto-medium-16mib.md").read_text()
+
+
+def test_load_rows_count_the_readers_streams() -> None:
+    local = parse_args(["--size-mib", "1024"])
+    assert contender_streams("dcp_cloud", local, 1024, "save") == 8  # the writer, server on this machine
+    assert contender_streams("dcp_cloud", local, 1024, "load") == 16  # the reader's default
+    assert contender_streams("transport", local, 1024, "save") == 16  # the store layer's default
+    given = parse_args(["--size-mib", "1024", "--max-concurrency", "24"])
+    assert contender_streams("dcp_cloud", given, 1024, "load") == 24
+    assert contender_streams("fsspec_t8", given, 1024, "load") == 8

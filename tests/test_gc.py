@@ -70,14 +70,16 @@ def _saver_with_open_upload(
         text=True,
         env=env,
     )
-    assert child.stdout is not None and child.stdout.readline().strip() == "READY"
-    line = child.stdout.readline().strip()
-    if line != "PART":
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "READY"
+        line = child.stdout.readline().strip()
+        assert line == "PART", f"the child stored no part (it printed {line!r})"
+        store = open_store(target.url, target.storage_options)
+        assert _upload_has_data(target, store), "a part was stored but no open upload holds it"
+    except BaseException:
         child.kill()
-        _out, err = child.communicate(timeout=30)
-        raise AssertionError(f"the child stored no part (it printed {line!r}): {err[-2000:]}")
-    store = open_store(target.url, target.storage_options)
-    assert _upload_has_data(target, store), "a part was stored but no open upload holds it"
+        child.communicate(timeout=30)
+        raise
     return child
 
 

@@ -206,7 +206,8 @@ class CloudStorageWriter(StoreConnection, StorageWriter):
             raise the budget where each connection is slow, to keep more parts in flight.
         object_size: a rank starts a new data object past this many bytes. Default: 128 MiB (or
             one part if parts are larger), or about an eighth of a small rank's bytes (at least
-            four parts); on GCS one part, where an object of several parts costs an upload and
+            four parts), or one part where an eighth is under four parts (each object is then a
+            single PUT); on GCS one part, where an object of several parts costs an upload and
             a delete per part plus a compose.
         max_attempts: tries per request, retries included (throttling, 5xx, refused or timed-out
             connections, bodies cut off midway), with jittered exponential backoff.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import mmap
 import threading
 import time
 
@@ -22,7 +23,7 @@ def test_buffer_pool_reuses_its_buffers() -> None:
 def test_buffer_pool_blocks_while_every_buffer_is_out() -> None:
     pool = BufferPool(8, 1)
     held = pool.get()
-    got: list[bytearray] = []
+    got: list[mmap.mmap] = []
     waiter = threading.Thread(target=lambda: got.append(pool.get()))
     waiter.start()
     time.sleep(0.1)
@@ -115,3 +116,19 @@ def test_view_reader_reads_seeks_and_tells_over_a_view() -> None:
     assert reader.readinto(out) == 4 and out == b"3456"
     data[7] = ord("x")  # a view, not a copy
     assert reader.read(1) == b"x"
+
+
+def test_buffer_pool_buffers_cost_only_the_pages_written() -> None:
+    """A pool buffer takes resident memory only where bytes were written into it: a part that
+    copies a few KiB of records into a 64 MiB buffer does not hold 64 MiB."""
+    import psutil
+
+    process = psutil.Process()
+    pool = BufferPool(64 * 1024 * 1024, 4)
+    before = process.memory_info().rss
+    buffers = [pool.get() for _ in range(4)]
+    for buffer in buffers:
+        buffer[:4096] = b"r" * 4096
+    grown = process.memory_info().rss - before
+    assert grown < 16 * 1024 * 1024, grown  # four 64 MiB buffers, a page written in each
+    assert all(bytes(buffer[:4096]) == b"r" * 4096 and buffer[4096] == 0 for buffer in buffers)
