@@ -364,12 +364,14 @@ def scenario_kill_save(cfg: dict[str, Any], rank: int, world: int, mesh: Any) ->
     dist.barrier()
     digest = _metadata_digest(cfg) if rank == 0 else None
     # The 12 MiB shard is each rank's first tensor item: the victim has sent multipart parts of
-    # it (5 MiB parts) when it dies at its next item.
+    # it (5 MiB parts) when it dies at its next item. One object per rank (a small save would
+    # otherwise make objects of one part), so the shard is in the rank's first object.
     state = {"big": distribute_tensor(torch.ones(world * 3 * MiB), mesh, [Shard(0)]), **make_state(mesh, 2)}
     planner = KillingPlanner(cfg["kill_rank"], after="big", mark=str(out / "killed_at"))
     started = time.monotonic()
+    writer = _writer(cfg, part_size=5 * MiB, object_size=64 * MiB)
     try:
-        dcp.save(state, storage_writer=_writer(cfg, part_size=5 * MiB), planner=planner)
+        dcp.save(state, storage_writer=writer, planner=planner)
         error = None
     except BaseException as exc:
         error = _failure(exc)
