@@ -242,14 +242,11 @@ def test_a_nested_option_mutated_after_opening_does_not_reach_another_store(s3_t
     assert _server_accepts(fs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="s3fs reads the credential environment when its client is made (first request), the "
-    "cache keys by the environment when the store is opened; see the report of this file",
-)
 def test_the_environment_at_first_use_does_not_rewire_a_client_keyed_by_another(
     s3_target: Target, monkeypatch: pytest.MonkeyPatch, clean_aws_env: Path
 ) -> None:
+    """botocore reads credentials from the environment when a client is made; the cache keys a
+    filesystem by the environment when the store is opened, so the client is made then too."""
     server = s3_target.server
     assert isinstance(server, S3Server)
     options = {**_without_credentials(server), "config_kwargs": {"user_agent_extra": uuid.uuid4().hex}}
@@ -257,7 +254,7 @@ def test_the_environment_at_first_use_does_not_rewire_a_client_keyed_by_another(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
     opened = open_store(_url(s3_target), options)  # keyed by the environment now
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", INTRUDER)  # e.g. another thread switching identity
-    _signing_key(opened.fs)  # first use: the client is made from the environment of this moment
+    _signing_key(opened.fs)  # first use: the client was made when the store was opened
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
     later = open_store(_url(s3_target), options).fs
     assert _signing_key(later) == server.access_key

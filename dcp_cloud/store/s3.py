@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
+import fsspec.asyn
 from botocore.exceptions import ClientError, HTTPClientError, ResponseStreamingError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3fs.errors import translate_boto_error
@@ -117,6 +118,7 @@ class S3Store(ObjectStore):
         self.max_attempts = max_attempts
         #: whether botocore retries requests itself (then ours retry only cut-off bodies)
         self._client_retries = not _take_over_retries(fs, max_attempts)
+        _make_client_now(fs)
         #: whether a request proved the bucket exists (``exists`` then needs no bucket check)
         self._bucket_seen = False
 
@@ -448,6 +450,22 @@ def _send_bodies_at_once(client: Any) -> None:
         return
     client.meta.events.register_last("before-call.s3", _drop_expect_continue)
     client._dcp_cloud_no_expect = True
+
+
+def _make_client_now(fs: Any) -> None:
+    """Make the filesystem's client now, while the store is opened, rather than at its first
+    request: botocore reads credentials from the environment when the client is made, and the
+    client cache keyed this filesystem by the environment of this moment, so a later change of
+    the environment (another thread switching identity) must not decide whose credentials the
+    shared client signs with. Where the client cannot be made here (no credentials or a bad
+    setting, or a call from the client's own event loop), it is made at the first request, as
+    before, which reports the failure as usual."""
+    if getattr(fs, "_s3", None) is not None:
+        return
+    try:
+        fsspec.asyn.sync(fs.loop, fs.set_session)
+    except Exception:  # noqa: BLE001 - the first request makes the client and reports the error
+        return
 
 
 def _take_over_retries(fs: Any, max_attempts: int) -> bool:
