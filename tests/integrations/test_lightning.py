@@ -208,3 +208,25 @@ def test_a_missing_framework_skips_locally_and_fails_in_ci(monkeypatch: pytest.M
     monkeypatch.setenv("CI", "true")
     with pytest.raises(ImportError):
         require_framework("dcp_cloud_no_such_framework")
+
+
+def test_modes_outside_the_cloud_scope_are_refused_with_what_to_do(s3_server: S3Server) -> None:
+    """Full (non-distributed) checkpoints, per-call storage_options, Fabric's filter and loading
+    into a bare module are refused at a cloud URL, before anything is written."""
+    from dcp_cloud.integrations.lightning import FabricModelParallelStrategy, TrainerModelParallelStrategy
+
+    options = {"storage_options": s3_server.storage_options}
+    prefix = f"{BUCKET}/lightning-{uuid.uuid4().hex[:10]}"
+    url = f"s3://{prefix}/epoch=0-step=1.ckpt"
+    full = TrainerModelParallelStrategy(save_distributed_checkpoint=False, checkpoint_options=options)
+    with pytest.raises(NotImplementedError, match="only distributed checkpoints"):
+        full.save_checkpoint({"epoch": 0}, url)
+    trainer = TrainerModelParallelStrategy(checkpoint_options=options)
+    with pytest.raises(NotImplementedError, match="set them in checkpoint_options"):
+        trainer.save_checkpoint({"epoch": 0}, url, storage_options={"anon": True})
+    fabric = FabricModelParallelStrategy(lambda module, mesh: module, checkpoint_options=options)
+    with pytest.raises(NotImplementedError, match="without storage_options or filter"):
+        fabric.save_checkpoint(url, {"step": 1}, filter={"step": lambda k, v: True})
+    with pytest.raises(NotImplementedError, match=r"fabric\.load\(url, \{'model': model"):
+        fabric.load_checkpoint(url, torch.nn.Linear(2, 2))
+    assert not _s3(s3_server).exists(prefix)  # nothing was written
